@@ -1,0 +1,75 @@
+"""Paged attention over the block pool, the torch path (any device).
+
+The pool is [num_blocks, layers_per_page, 2, block_size, kv_heads, head_dim]:
+one page holds one block of every layer of a group, so a group's whole KV for a
+block is contiguous (offloading moves it with one copy). Layers read K/V through
+per-group block tables built once per step and shared by the group's layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int
+    q_end: int
+    seq_len: int
+    block_table: torch.Tensor          # [num_blocks_needed] long
+    mask: torch.Tensor | None          # [q_len, seq_len] bool; None: causal from 0 (or a lone decode)
+
+
+@dataclass
+class GroupAttention:
+    """Everything one KV cache group's layers need for one step."""
+    sliding_window: int | None
+    slot_blocks: torch.Tensor          # [T] where each new token's K/V goes
+    slot_offsets: torch.Tensor         # [T]
+    decode_tokens: torch.Tensor | None = None        # [B] rows of q that are single-token decodes
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None = None          # [B, 1, 1, L] bool, None when B == 1 and no window
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    # Arguments for the fused kernel path (CUDA).
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    query_start_loc: torch.Tensor | None = None
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[len(q_pos), len(k_pos)] bool: causal, and within the window if any."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = diff >= 0
+    if window is not None:
+        mask &= diff < window
+    return mask
+
+
+def write_kv(kv_cache: torch.Tensor, slot: int, meta: GroupAttention, k: torch.Tensor, v: torch.Tensor) -> None:
+    kv_cache[meta.slot_blocks, slot, 0, meta.slot_offsets] = k
+    kv_cache[meta.slot_blocks, slot, 1, meta.slot_offsets] = v
+
+
+def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, meta: GroupAttention,
+                          scale: float) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]; K/V of the new tokens are already in the pool."""
+    out = torch.empty_like(q)
+    kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
+    if meta.decode_tokens is not None:
+        bt = meta.decode_block_tables
+        b = bt.shape[0]
+        k = kv_cache[bt, slot, 0].reshape(b, -1, kvh, d).transpose(1, 2)
+        v = kv_cache[bt, slot, 1].reshape(b, -1, kvh, d).transpose(1, 2)
+        qd = q[meta.decode_tokens].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[meta.decode_tokens] = o.squeeze(2)
+    for p in meta.prefills:
+        k = kv_cache[p.block_table, slot, 0].reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
+        v = kv_cache[p.block_table, slot, 1].reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
+        qp = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, is_causal=p.mask is None and p.q_end - p.q_start > 1,
+                                           scale=scale, enable_gqa=True)
+        out[p.q_start:p.q_end] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,39 @@
+"""Engine configuration: one pydantic model, validated once at the edge."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = DEFAULT_MODEL
+    served_model_name: list[str] | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+    max_model_len: int | None = Field(None, ge=16)
+    block_size: int = Field(16, ge=1, le=1024)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    num_gpu_blocks_override: int | None = Field(None, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    # On the CPU there is no device memory to take a fraction of: the pool is
+    # capped at this many bytes of host memory (times gpu_memory_utilization).
+    cpu_kv_cache_bytes: int = Field(4 << 30, ge=1 << 20)
+    enable_prefix_caching: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kv_transfer_config: Any = None  # connectors.config.KVTransferConfig
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError("max_num_batched_tokens must be >= block_size")
+        return self
+
+    @property
+    def served_names(self) -> list[str]:
+        return self.served_model_name or []

@@ -1,0 +1,105 @@
+"""The KV cache manager: one coordinator over per-group managers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.kv_cache.block_pool import BlockPool, KVCacheBlock
+from engine.kv_cache.single_type_manager import SingleTypeManager, make_manager
+from engine.kv_cache.spec import KVCacheGroup
+
+
+@dataclass
+class PrefixHit:
+    blocks: list[list[KVCacheBlock]]  # per group
+    num_tokens: int
+
+    @classmethod
+    def empty(cls, num_groups: int) -> "PrefixHit":
+        return cls([[] for _ in range(num_groups)], 0)
+
+
+class KVCacheManager:
+    def __init__(self, groups: list[KVCacheGroup], num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.groups = groups
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.managers: list[SingleTypeManager] = [make_manager(g, self.pool, block_size) for g in groups]
+        self.num_queries = 0  # prefix-cache lookups, in tokens
+        self.num_hits = 0
+
+    # -- lookups -----------------------------------------------------------
+    def find_prefix_hit(self, block_hashes: list[bytes], num_prompt_tokens: int) -> PrefixHit:
+        """Longest prefix every group accepts. At least one prompt token is always
+        left to compute, since its logits are what the request needs next."""
+        if not self.enable_caching:
+            return PrefixHit.empty(len(self.groups))
+        max_blocks = min(len(block_hashes), (num_prompt_tokens - 1) // self.block_size)
+        hit = max_blocks
+        # Groups disagree (a sliding group may need to back off past a gap that a
+        # full group does not see); shrink until every group accepts the length.
+        while True:
+            new = hit
+            for mgr in self.managers:
+                new = min(new, mgr.longest_hit(block_hashes, new))
+            if new == hit:
+                break
+            hit = new
+        blocks = [mgr.hit_blocks(block_hashes, hit) for mgr in self.managers]
+        return PrefixHit(blocks, hit * self.block_size)
+
+    def record_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+        self.num_queries += num_prompt_tokens
+        self.num_hits += num_hit_tokens
+
+    # -- allocation --------------------------------------------------------
+    def allocate_slots(self, req_id: str, num_computed_tokens: int, num_new_tokens: int,
+                       hit: PrefixHit | None = None) -> bool:
+        """Make room for `num_new_tokens` after `num_computed_tokens` (which
+        include the hit, if any). False, with nothing changed, when the pool is short."""
+        for mgr in self.managers:
+            mgr.remove_skipped(req_id, num_computed_tokens)
+        total = num_computed_tokens + num_new_tokens
+        hit_blocks = hit.blocks if hit else [[] for _ in self.managers]
+        need = 0
+        for mgr, blocks in zip(self.managers, hit_blocks):
+            need += mgr.num_new_blocks(req_id, total, len(blocks))
+            # A hit block nobody holds sits in the free queue: taking it costs a free block.
+            need += sum(1 for b in blocks if b.ref_cnt == 0 and not b.is_null)
+        if need > self.pool.num_free_blocks:
+            return False
+        for mgr, blocks in zip(self.managers, hit_blocks):
+            if hit is not None:
+                mgr.add_hit(req_id, blocks)
+            mgr.allocate(req_id, total)
+        return True
+
+    def cache_blocks(self, req_id: str, block_hashes: list[bytes], num_computed_tokens: int) -> None:
+        if self.enable_caching:
+            for mgr in self.managers:
+                mgr.cache_full_blocks(req_id, block_hashes, num_computed_tokens)
+
+    def free(self, req_id: str) -> None:
+        for mgr in self.managers:
+            mgr.free(req_id)
+
+    # -- views -------------------------------------------------------------
+    def block_ids(self, req_id: str) -> list[list[int]]:
+        return [[b.block_id for b in mgr.blocks(req_id)] for mgr in self.managers]
+
+    def max_blocks_for(self, num_tokens: int) -> int:
+        """Blocks one request of `num_tokens` may hold at once, in the worst case."""
+        n = -(-num_tokens // self.block_size)
+        return n * len(self.managers)
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def usage_per_group(self) -> dict[str, float]:
+        total = self.pool.num_blocks - 1
+        out = {}
+        for mgr in self.managers:
+            held = {b.block_id for blocks in mgr.req_blocks.values() for b in blocks if not b.is_null}
+            out[mgr.group.label] = len(held) / total
+        return out

@@ -1,0 +1,76 @@
+"""The offline Python API: LLM(model=...).generate(...) and .chat(...)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from tqdm import tqdm
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any):
+        if model is not None:
+            kwargs["model"] = model
+        if "kv_transfer_config" in kwargs:
+            from connectors.config import parse_kv_transfer_config
+            kwargs["kv_transfer_config"] = parse_kv_transfer_config(kwargs["kv_transfer_config"])
+        self.engine = LLMEngine(EngineConfig(**kwargs))
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine, llm._ids = engine, itertools.count()
+        return llm
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, p, cache_salt=cache_salt)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None, cache_salt: str | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt, **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm, cache_salt)
+
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        return list(self.engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs))
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 2)
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+                if not self.engine.has_unfinished_requests() and len(results) < len(ids):
+                    raise RuntimeError("engine went idle with requests unfinished")
+        finally:
+            bar.close()
+        return [results[i] for i in ids]

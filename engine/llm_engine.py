@@ -1,0 +1,238 @@
+"""The synchronous engine core: add requests, step, collect outputs."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import RequestError
+from engine.kv_cache import KVCacheManager, SlidingWindowSpec, build_kv_cache_groups
+from engine.model import CausalLM
+from engine.model_loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner, kv_page_bytes
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.stats import TTFT_BUCKETS, EngineStats, Histogram
+
+logger = logging.getLogger("kvtier.engine")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class RequestGroup:
+    """A client request: n sequences sampled from one prompt."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    texts: list[str]
+    stop_texts: list[int | str | None]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        self.loaded = loaded or load_model(config.model, self.dtype)
+        cfg = self.loaded.config
+        self.model_config = cfg
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = self.loaded.name
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.block_size = config.block_size
+        self.groups = build_kv_cache_groups(cfg.layer_types, cfg.sliding_window)
+        self.model = CausalLM(cfg, self.loaded.weights, self.device, self.dtype)
+        self.num_blocks = self._num_blocks()
+        self.kv_cache_manager = KVCacheManager(self.groups, self.num_blocks, self.block_size,
+                                               config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size)
+        self._use_fused_attention()
+        self.requests: dict[str, RequestGroup] = {}
+        self._child_to_group: dict[str, RequestGroup] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        logger.info("KV pool: %d blocks of %d tokens (%d groups) on %s, %s", self.num_blocks,
+                    self.block_size, len(self.groups), self.device, self.dtype)
+
+    # -- set-up ------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override:
+            return self.config.num_gpu_blocks_override + 1  # plus the null block
+        page = kv_page_bytes(self.model_config, self.groups, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_utilization)
+        else:
+            budget = int(self.config.cpu_kv_cache_bytes * self.config.gpu_memory_utilization)
+        # No point in holding more than max_num_seqs full-length requests.
+        cap = self.config.max_num_seqs * len(self.groups) * -(-self.max_model_len // self.block_size) + 1
+        return max(2, min(budget // page, cap))
+
+    def _use_fused_attention(self) -> None:
+        if self.device.type != "cuda":
+            return
+        try:
+            from engine import triton_attention
+        except ImportError:
+            logger.warning("triton is not installed: using the torch attention path on CUDA")
+            return
+        if triton_attention.is_available():
+            self.model.attention = triton_attention.attention_for_group
+
+    # -- requests ----------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise RequestError("prompt token ids must be a non-empty list of ids within the vocabulary", "prompt")
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{len(ids)} tokens (max_model_len leaves no room to generate).", "prompt", "context_length_exceeded")
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        needed = self._blocks_needed(len(ids) + max_tokens)
+        if needed > self.num_blocks - 1:
+            raise RequestError(
+                f"the request needs up to {needed} KV cache blocks but the pool holds {self.num_blocks - 1}; "
+                f"shorten the prompt or max_tokens, or give the engine more KV cache memory", "prompt")
+        eos = tuple(self.model_config.eos_token_ids)
+        children = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            children.append(Request(child_id, ids, params, max_tokens, self.block_size, cache_salt, seed, eos))
+        group = RequestGroup(request_id, text, ids, params, children, [""] * params.n, [None] * params.n)
+        self.requests[request_id] = group
+        for child in children:
+            self._child_to_group[child.request_id] = group
+            self.scheduler.add(child)
+        self.prompt_tokens_total += len(ids) * params.n
+
+    def _blocks_needed(self, num_tokens: int) -> int:
+        bs = self.block_size
+        total = 0
+        for g in self.groups:
+            n = -(-num_tokens // bs)
+            if isinstance(g.spec, SlidingWindowSpec):
+                # In-flight: the window plus one prefill chunk, plus a partial block at each end.
+                n = min(n, -(-(g.spec.window + self.config.max_num_batched_tokens) // bs) + 1)
+            total += n
+        return total
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.requests.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            self._child_to_group.pop(child.request_id, None)
+            if not child.is_finished:
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        tokens, logprobs = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        touched: dict[str, RequestGroup] = {}
+        sampled = [s.request for s in sched.scheduled if s.completes_prompt]
+        for req, tok, lp in zip(sampled, tokens, logprobs):
+            first = req.first_token_time is None
+            req.append_token(tok, lp)
+            if first:
+                self.ttft.observe(req.first_token_time - req.arrival_time)
+            self.generation_tokens_total += 1
+            req.check_token_stop()
+            group = self._child_to_group[req.request_id]
+            self._check_stop_strings(group, req)
+            if req.is_finished:
+                self.scheduler.finish(req, req.status)
+            touched[group.request_id] = group
+        outputs = [self._make_output(g) for g in touched.values()]
+        for g in touched.values():
+            if g.finished:
+                self.requests.pop(g.request_id, None)
+                for c in g.children:
+                    self._child_to_group.pop(c.request_id, None)
+        return outputs
+
+    def _check_stop_strings(self, group: RequestGroup, req: Request) -> None:
+        idx = group.children.index(req)
+        p = group.params
+        ids = req.output_token_ids
+        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
+        if stopped_by_token and not p.include_stop_str_in_output:
+            ids = ids[:-1]  # EOS or a stop token is not part of the text
+        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+        if p.stop and not stopped_by_token:
+            for stop in p.stop:
+                # Only the newly decoded tail can complete a stop string.
+                at = text.find(stop, max(0, len(group.texts[idx]) - len(stop)))
+                if at >= 0:
+                    text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+                    break
+        group.texts[idx] = text
+
+    def _make_output(self, group: RequestGroup) -> RequestOutput:
+        outs = []
+        for i, c in enumerate(group.children):
+            outs.append(CompletionOutput(
+                index=i, text=group.texts[i], token_ids=list(c.output_token_ids),
+                cumulative_logprob=c.cumulative_logprob if group.params.logprobs is not None else None,
+                logprobs=list(c.output_logprobs) if group.params.logprobs is not None else None,
+                finish_reason=c.status.value if c.is_finished else None, stop_reason=c.stop_reason))
+        cached = max(0, group.children[0].num_cached_tokens)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached)
+
+    # -- introspection -----------------------------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            prefix_cache_queries_total=kv.num_queries, prefix_cache_hits_total=kv.num_hits,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+            kv_cache_usage=kv.usage, kv_cache_usage_per_group=kv.usage_per_group(),
+            ttft_buckets=list(self.ttft.buckets), ttft_bucket_counts=list(self.ttft.counts),
+            ttft_sum=self.ttft.sum, ttft_count=self.ttft.count, tiers={})

@@ -1,0 +1,105 @@
+"""Llama-family forward pass (Llama, Mistral, Qwen2) over the paged KV pool.
+
+Mirrors HF transformers' arithmetic (float32 RMSNorm, rotate-half RoPE,
+separate q/k/v projections) so that greedy decoding matches it token for token.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import GroupAttention, paged_attention_torch, write_kv
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm:
+    def __init__(self, weight: torch.Tensor, eps: float):
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class DecoderLayer:
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg):
+        def get(name):
+            return w.get(prefix + name)
+        self.q, self.k, self.v = get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")
+        self.qb, self.kb, self.vb = get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")
+        self.o = get("self_attn.o_proj.weight")
+        self.gate, self.up, self.down = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight"), get("mlp.down_proj.weight")
+        self.input_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+
+class CausalLM:
+    def __init__(self, cfg, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        w = {k: t.to(device=device, dtype=dtype) for k, t in weights.items()}
+        self.cfg = cfg
+        self.device, self.dtype = device, dtype
+        self.embed = w["model.embed_tokens.weight"]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
+        self.layers = [DecoderLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_layers)]
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self.scale = cfg.head_dim ** -0.5
+        self.attention = paged_attention_torch
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                layer_slots: list[tuple[int, int]], groups: list[GroupAttention],
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """layer_slots[i] = (group index, slot in page) of layer i. Returns float32 logits
+        for the rows in `logits_indices`."""
+        cos, sin = self.rope(positions)
+        h = F.embedding(input_ids, self.embed)
+        t = input_ids.shape[0]
+        for layer, (g, slot) in zip(self.layers, layer_slots):
+            x = layer.input_norm(h)
+            q = F.linear(x, layer.q, layer.qb).view(t, layer.num_heads, layer.head_dim)
+            k = F.linear(x, layer.k, layer.kb).view(t, layer.num_kv_heads, layer.head_dim)
+            v = F.linear(x, layer.v, layer.vb).view(t, layer.num_kv_heads, layer.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            write_kv(kv_cache, slot, groups[g], k, v)
+            a = self.attention(q, kv_cache, slot, groups[g], self.scale)
+            h = h + F.linear(a.reshape(t, -1), layer.o)
+            x = layer.post_norm(h)
+            h = h + F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+        h = self.norm(h[logits_indices])
+        return F.linear(h, self.lm_head).float()

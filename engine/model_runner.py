@@ -1,0 +1,99 @@
+"""Turns a scheduled step into tensors, runs the model, samples."""
+from __future__ import annotations
+
+import torch
+
+from engine.attention import GroupAttention, PrefillSeq, window_mask
+from engine.kv_cache import KVCacheGroup, KVCacheManager, SlidingWindowSpec
+from engine.kv_cache.spec import layers_per_page
+from engine.model import CausalLM
+from engine.sampler import sample
+from engine.scheduler import SchedulerOutput
+
+
+def kv_page_bytes(cfg, groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return layers_per_page(groups) * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache_manager: KVCacheManager, num_blocks: int, block_size: int):
+        self.model = model
+        self.kv = kv_cache_manager
+        self.groups = kv_cache_manager.groups
+        self.block_size = block_size
+        cfg = model.cfg
+        self.device = model.device
+        # Allocated and touched once: first-touch page faults cost 20-50x a warm copy.
+        self.kv_cache = torch.zeros(num_blocks, layers_per_page(self.groups), 2, block_size,
+                                    cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=self.device)
+        self.layer_slots: list[tuple[int, int]] = [None] * cfg.num_layers
+        for g in self.groups:
+            for slot, layer in enumerate(g.layers):
+                self.layer_slots[layer] = (g.index, slot)
+
+    def _group_attention(self, group: KVCacheGroup, sched: SchedulerOutput, positions: torch.Tensor) -> GroupAttention:
+        bs = self.block_size
+        window = group.spec.window if isinstance(group.spec, SlidingWindowSpec) else None
+        tables = [self.kv.block_ids(s.request.request_id)[group.index] for s in sched.scheduled]
+        # Where each new token's K/V goes.
+        slot_blocks = []
+        for s, table in zip(sched.scheduled, tables):
+            c = s.request.num_computed_tokens
+            slot_blocks.extend(table[p // bs] for p in range(c, c + s.num_new_tokens))
+        slot_blocks_t = torch.tensor(slot_blocks, dtype=torch.long, device=self.device)
+        meta = GroupAttention(window, slot_blocks_t, positions % bs)
+
+        # Two or more decodes run as one padded batch; a lone decode takes the
+        # per-sequence path, which needs no padding mask.
+        batch_decodes = sum(1 for s in sched.scheduled if s.num_new_tokens == 1) >= 2
+        decode_rows, decode_tables, decode_lens = [], [], []
+        q_start = 0
+        for s, table in zip(sched.scheduled, tables):
+            c, n = s.request.num_computed_tokens, s.num_new_tokens
+            seq_len = c + n
+            nblk = -(-seq_len // bs)
+            if n == 1 and batch_decodes:
+                decode_rows.append(q_start)
+                decode_tables.append(table[:nblk])
+                decode_lens.append(seq_len)
+            else:
+                mask = None
+                if (c > 0 and n > 1) or (window is not None and seq_len > window):
+                    q_pos = torch.arange(c, seq_len, device=self.device)
+                    mask = window_mask(q_pos, torch.arange(seq_len, device=self.device), window)
+                bt = torch.tensor(table[:nblk], dtype=torch.long, device=self.device)
+                meta.prefills.append(PrefillSeq(q_start, q_start + n, seq_len, bt, mask))
+            q_start += n
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            meta.decode_tokens = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+            q_pos = torch.tensor(decode_lens, device=self.device)[:, None] - 1
+            k_pos = torch.arange(width * bs, device=self.device)[None, :]
+            valid = k_pos <= q_pos
+            if window is not None:
+                valid &= q_pos - k_pos < window
+            meta.decode_mask = valid[:, None, None, :]
+        return meta
+
+    def execute(self, sched: SchedulerOutput) -> tuple[list[int], list]:
+        """Runs one step; returns sampled tokens for the requests that complete their
+        prompt (or decode) this step, in scheduled order."""
+        ids, pos, logits_rows, sampled_reqs = [], [], [], []
+        for s in sched.scheduled:
+            r, c, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            ids.extend(r.all_token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            if s.completes_prompt:
+                logits_rows.append(len(ids) - 1)
+                sampled_reqs.append(r)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(pos, dtype=torch.long, device=self.device)
+        metas = [self._group_attention(g, sched, positions) for g in self.groups]
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        logits = self.model.forward(input_ids, positions, self.kv_cache, self.layer_slots, metas, rows)
+        if not sampled_reqs:
+            return [], []
+        return sample(logits.cpu(), sampled_reqs)

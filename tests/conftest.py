@@ -1,0 +1,29 @@
+"""Shared fixtures: the default model loaded once, and HF transformers as the reference."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from engine.model_loader import load_model
+    return load_model(None, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_model):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(**default_model.hf_reference, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=hf_model.config.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
