@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
+from engine.attention import paged_attention_fused
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.kv_cache import KVCacheManager, SlidingWindowSpec, build_kv_cache_groups
@@ -96,15 +98,20 @@ class LLMEngine:
         return max(2, min(budget // page, cap))
 
     def _use_fused_attention(self) -> None:
-        if self.device.type != "cuda":
+        """Triton on CUDA; KVTIER_ATTENTION=triton|torch overrides (triton on the CPU
+        needs TRITON_INTERPRET=1 and is how the wiring is tested without a GPU)."""
+        choice = os.environ.get("KVTIER_ATTENTION", "auto")
+        if choice == "torch" or (choice == "auto" and self.device.type != "cuda"):
             return
-        try:
-            from engine import triton_attention
-        except ImportError:
-            logger.warning("triton is not installed: using the torch attention path on CUDA")
+        from engine import triton_attention
+        if not triton_attention.is_available():
+            if choice == "triton":
+                raise RuntimeError("KVTIER_ATTENTION=triton but triton cannot run here "
+                                   "(install triton; on the CPU set TRITON_INTERPRET=1)")
+            logger.warning("triton is not usable: using the torch attention path")
             return
-        if triton_attention.is_available():
-            self.model.attention = triton_attention.attention_for_group
+        self.model.attention = paged_attention_fused
+        self.runner.fused_attention = True
 
     # -- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

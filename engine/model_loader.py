@@ -244,9 +244,15 @@ def hf_model_config(model_dir: Path) -> ModelConfig:
         raise ValueError(f"model {str(model_dir)!r}: architecture {architecture!r} is not "
                          f"supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     cfg = {**_HF_COMMON_DEFAULTS, **_HF_ARCH_DEFAULTS[architecture], **raw}
+    try:
+        return _model_config_from_hf(architecture, cfg, _read_json(model_dir / "generation_config.json"))
+    except KeyError as missing:
+        raise ValueError(f"model {str(model_dir)!r}: config.json lacks {missing}") from None
+
+
+def _model_config_from_hf(architecture: str, cfg: dict, generation: dict) -> ModelConfig:
     layer_types, window = _hf_layer_layout(architecture, cfg)
     num_heads = cfg["num_attention_heads"]
-    generation = _read_json(model_dir / "generation_config.json")
     return ModelConfig(
         architecture=architecture,
         vocab_size=cfg["vocab_size"],

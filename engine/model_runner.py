@@ -27,6 +27,7 @@ class ModelRunner:
         # Allocated and touched once: first-touch page faults cost 20-50x a warm copy.
         self.kv_cache = torch.zeros(num_blocks, layers_per_page(self.groups), 2, block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=self.device)
+        self.fused_attention = False  # the engine switches this on with the Triton path
         self.layer_slots: list[tuple[int, int]] = [None] * cfg.num_layers
         for g in self.groups:
             for slot, layer in enumerate(g.layers):
@@ -43,6 +44,8 @@ class ModelRunner:
             slot_blocks.extend(table[p // bs] for p in range(c, c + s.num_new_tokens))
         slot_blocks_t = torch.tensor(slot_blocks, dtype=torch.long, device=self.device)
         meta = GroupAttention(window, slot_blocks_t, positions % bs)
+        if self.fused_attention:
+            return self._fused_metadata(meta, sched, tables)
 
         # Two or more decodes run as one padded batch; a lone decode takes the
         # per-sequence path, which needs no padding mask.
@@ -76,6 +79,18 @@ class ModelRunner:
             if window is not None:
                 valid &= q_pos - k_pos < window
             meta.decode_mask = valid[:, None, None, :]
+        return meta
+
+    def _fused_metadata(self, meta: GroupAttention, sched: SchedulerOutput, tables: list[list[int]]) -> GroupAttention:
+        width = max(len(t) for t in tables)
+        meta.block_tables = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                         device=self.device)
+        lens, starts = [], [0]
+        for s in sched.scheduled:
+            lens.append(s.request.num_computed_tokens + s.num_new_tokens)
+            starts.append(starts[-1] + s.num_new_tokens)
+        meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=self.device)
+        meta.query_start_loc = torch.tensor(starts, dtype=torch.int32, device=self.device)
         return meta
 
     def execute(self, sched: SchedulerOutput) -> tuple[list[int], list]:

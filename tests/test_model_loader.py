@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +24,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TEXTS = ["Hello world!", "  leading spaces\n\ttabs and\r\nnewlines",
                 "<|im_start|>user\nhi<|im_end|>", "日本語 émoji 🤗 def f(x): return x**2"]
 CHAT = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def assert_weights_equal(weights, config, hf_state_dict) -> None:
+    """Exactly transformers' tensors; a tied lm_head is left out of ours."""
+    if config.tie_word_embeddings:
+        hf_state_dict = {name: t for name, t in hf_state_dict.items() if name != "lm_head.weight"}
+    assert weights.keys() == hf_state_dict.keys()
+    for name, tensor in hf_state_dict.items():
+        assert weights[name].dtype == tensor.dtype and torch.equal(weights[name], tensor), name
 
 
 # ---------------------------------------------------------------------------
@@ -83,11 +91,7 @@ def test_default_model_config(default_model, hf_gguf_model):
 
 
 def test_gguf_weights_equal_transformers_gguf_load(default_model, hf_gguf_model):
-    reference = {name: t for name, t in hf_gguf_model.state_dict().items() if name != "lm_head.weight"}
-    assert default_model.weights.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert default_model.weights[name].dtype == torch.float32
-        assert torch.equal(default_model.weights[name], tensor), name
+    assert_weights_equal(default_model.weights, default_model.config, hf_gguf_model.state_dict())
 
 
 @pytest.mark.parametrize("which", ["default_model", "reloaded_default_model"])
@@ -152,14 +156,6 @@ def save_tiny_model(config, model_dir: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def assert_weights_equal(loaded, state_dict) -> None:
-    if loaded.config.tie_word_embeddings:
-        state_dict = {name: t for name, t in state_dict.items() if name != "lm_head.weight"}
-    assert loaded.weights.keys() == state_dict.keys()
-    for name, tensor in state_dict.items():
-        assert torch.equal(loaded.weights[name], tensor), name
-
-
 def edit_config_json(model_dir: Path, **changes) -> None:
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
@@ -201,7 +197,7 @@ def test_qwen2_with_layer_types_loads_like_transformers(qwen2_dir):
     assert loaded.name == model_dir.name
     assert loaded.hf_reference == {"pretrained_model_name_or_path": str(model_dir.resolve()),
                                    "gguf_file": None}
-    assert_weights_equal(loaded, state_dict)
+    assert_weights_equal(loaded.weights, loaded.config, state_dict)
     assert loaded.tokenizer.encode("w1 w2 w3") == [4, 5, 6]
 
 
@@ -231,7 +227,7 @@ def test_mistral_sliding_window_applies_to_every_layer(tmp_path, sliding_window,
     assert (loaded.config.layer_types, loaded.config.sliding_window) == (
         [expected_type] * 4, sliding_window)
     assert loaded.config.head_dim == 16 and not loaded.config.tie_word_embeddings
-    assert_weights_equal(loaded, state_dict)
+    assert_weights_equal(loaded.weights, loaded.config, state_dict)
 
 
 def test_hf_dir_loads_in_requested_dtype(qwen2_dir):
@@ -325,9 +321,8 @@ def test_tiny_gguf_loads_like_transformers(hf_config, tmp_path):
     assert (config.num_kv_heads, config.head_dim) == (2, 8)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
                                                      dtype=torch.float32)
-    loaded = SimpleNamespace(config=config,
-                             weights=gguf_loader.gguf_weights(reader, config, torch.float32))
-    assert_weights_equal(loaded, reference.state_dict())
+    weights = gguf_loader.gguf_weights(reader, config, torch.float32)
+    assert_weights_equal(weights, config, reference.state_dict())
 
 
 # ---------------------------------------------------------------------------
@@ -344,9 +339,13 @@ def test_bad_model_arguments_name_the_argument(tmp_path):
             resolve_model_path(bad)
 
 
-def test_unsupported_architecture_is_a_clear_error(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
+@pytest.mark.parametrize("config_json, message", [
+    ({"model_type": "gpt2"}, "architecture 'gpt2' is not supported"),
+    ({"model_type": "llama"}, "config.json lacks 'num_hidden_layers'"),
+])
+def test_unusable_config_json_is_a_clear_error(tmp_path, config_json, message):
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    with pytest.raises(ValueError, match=message):
         load_model(str(tmp_path))
 
 

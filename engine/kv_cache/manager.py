@@ -85,7 +85,7 @@ class KVCacheManager:
 
     # -- views -------------------------------------------------------------
     def block_ids(self, req_id: str) -> list[list[int]]:
-        return [[b.block_id for b in mgr.blocks(req_id)] for mgr in self.managers]
+        return [[b.block_id for b in mgr.req_blocks.get(req_id, ())] for mgr in self.managers]
 
     def max_blocks_for(self, num_tokens: int) -> int:
         """Blocks one request of `num_tokens` may hold at once, in the worst case."""

@@ -1,0 +1,123 @@
+"""The `kvtier` command: `kvtier serve [MODEL] ...` with vLLM's flag names.
+
+A mistake in a flag or in the configuration ends with one line naming the
+flag or field and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from engine.config import EngineConfig
+
+
+class UsageError(Exception):
+    """A bad flag value or configuration: reported in one line, exit status 2."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_engine_args(serve: argparse.ArgumentParser) -> None:
+    # dest == the EngineConfig field; None means "not given": EngineConfig's
+    # own default applies, so defaults are not repeated here.
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL",
+                       help="model: a .gguf file, an HF-format directory, or the default model's name")
+    serve.add_argument("--model", help="alternative to the positional MODEL")
+    serve.add_argument("--served-model-name", nargs="+", help="name(s) the API serves the model under")
+    serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--seed", type=int)
+    serve.add_argument("--max-model-len", type=int, help="context length (prompt + output) in tokens")
+    serve.add_argument("--block-size", type=int, help="tokens per KV cache block")
+    serve.add_argument("--max-num-seqs", type=int, help="most requests in one batch")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="most tokens computed in one step")
+    serve.add_argument("--num-gpu-blocks-override", type=int, help="KV cache pool size in blocks")
+    serve.add_argument("--gpu-memory-utilization", type=float,
+                       help="fraction of device memory (on the CPU: of the KV cache budget) to use")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    serve.add_argument("--kv-transfer-config", metavar="JSON|@FILE",
+                       help="vLLM-style KV connector config, inline JSON or @path/to/file.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="kvtier", description="LLM serving with tiered KV-cache offloading")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    serve.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
+    commands.add_parser("store", help="run the shared KV store daemon (not available yet)")
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from connectors.config import parse_kv_transfer_config
+
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise UsageError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+    fields = {name: value for name, value in vars(args).items()
+              if name in EngineConfig.model_fields and value is not None}
+    if args.model_tag:
+        fields["model"] = args.model_tag
+    try:
+        fields["kv_transfer_config"] = parse_kv_transfer_config(args.kv_transfer_config)
+        return EngineConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = f"argument --{err['loc'][0].replace('_', '-')}: " if err["loc"] else ""
+        raise UsageError(flag + err["msg"].removeprefix("Value error, ")) from None
+    except ValueError as e:  # parse_kv_transfer_config names the field itself
+        raise UsageError(str(e)) from None
+
+
+def serve(args: argparse.Namespace) -> None:
+    config = engine_config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.server import build_app
+
+    try:
+        engine = AsyncLLMEngine.from_config(config)
+    except (ValueError, OSError) as e:  # a model that is not there or not supported
+        raise UsageError(f"cannot load model {config.model!r}: {e}") from None
+    try:
+        app = build_app(engine, config.served_names or [engine.model_name], args.api_key)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                               log_level=args.uvicorn_log_level))
+        server.run()
+    finally:
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from engine.server import kvtier_version
+        print(f"kvtier {kvtier_version()}")
+        return 0
+    try:
+        if args.command == "serve":
+            serve(args)
+            return 0
+        if args.command == "store":
+            raise UsageError("not implemented yet")
+    except UsageError as e:
+        parser.exit(2, f"kvtier {args.command}: error: {e}\n")
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

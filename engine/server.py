@@ -1,0 +1,405 @@
+"""The OpenAI-compatible HTTP server: /v1/models, /v1/completions,
+/v1/chat/completions (with SSE streaming), /health, /version, /metrics.
+
+Completions and chat differ only in how a request becomes a prompt and how a
+choice is rendered; running the request, turning the engine's cumulative
+outputs into deltas, usage and SSE framing are shared."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from contextlib import aclosing, suppress
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import protocol as p
+from engine.errors import RequestError
+from engine.metrics import make_registry, render
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvtier.server")
+
+
+@lru_cache(maxsize=1)
+def kvtier_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("kvtier")
+    except PackageNotFoundError:  # running from a source checkout
+        import tomllib
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+# -- errors --------------------------------------------------------------------
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(e: APIError) -> JSONResponse:
+    body = p.ErrorResponse(error=p.ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code))
+    return JSONResponse(body.model_dump(), status_code=e.status)
+
+
+def _describe_request_validation(exc: RequestValidationError) -> APIError:
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    param, message = p.describe_validation_error(err, skip=1)  # loc starts with "body"
+    return APIError(400, message if param else f"request body: {message}", param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, e: RequestError):
+        return error_response(APIError(400, e.message, e.param, e.code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        return error_response(_describe_request_validation(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        logger.exception("unhandled error")
+        return error_response(APIError(500, f"internal server error: {e}", type="internal_server_error"))
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/*. Plain ASGI, so that it
+    does not get between a streaming response and its disconnect detection."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = error_response(APIError(401, "invalid or missing API key", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# -- from cumulative outputs to deltas ------------------------------------------
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained since the last time it was sent."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+    text_offset: int  # length of this choice's text already sent
+    first: bool
+
+
+class DeltaTracker:
+    def __init__(self, stop: list[str]):
+        # Text that might still turn out to be the start of a stop string is
+        # held back until it is certain: the engine cuts a matched stop string
+        # out of the text, and what was sent cannot be taken back.
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.done: set[int] = set()
+
+    def update(self, out: RequestOutput) -> list[ChoiceDelta]:
+        deltas = []
+        for c in out.outputs:
+            if c.index in self.done:
+                continue
+            text_from, tokens_from = self.sent_text.get(c.index, 0), self.sent_tokens.get(c.index, 0)
+            text_to = len(c.text) if c.finished else self._stable_length(c.text)
+            if text_to <= text_from and len(c.token_ids) <= tokens_from and not c.finished:
+                continue
+            deltas.append(ChoiceDelta(
+                c.index, c.text[text_from:text_to], c.token_ids[tokens_from:],
+                None if c.logprobs is None else c.logprobs[tokens_from:],
+                c.finish_reason, c.stop_reason, text_from, first=c.index not in self.sent_tokens))
+            self.sent_text[c.index] = max(text_from, text_to)
+            self.sent_tokens[c.index] = len(c.token_ids)
+            if c.finished:
+                self.done.add(c.index)
+        return deltas
+
+    def _stable_length(self, text: str) -> int:
+        end = len(text) - self.hold_back
+        # A trailing U+FFFD is an incomplete UTF-8 sequence the next token completes.
+        while end > 0 and text[end - 1] == "\ufffd":
+            end -= 1
+        return end
+
+
+def usage_of(out: RequestOutput) -> p.UsageInfo:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=out.num_cached_tokens))
+
+
+# -- rendering choices, per API --------------------------------------------------
+
+class ResponseFormat(Protocol):
+    """How one OpenAI endpoint renders choices, chunks and whole responses."""
+
+    def chunk(self, delta: ChoiceDelta | None, usage: p.UsageInfo | None) -> BaseModel: ...
+
+    def response(self, deltas: list[ChoiceDelta], usage: p.UsageInfo) -> BaseModel: ...
+
+
+@dataclass
+class _Envelope:
+    id: str
+    model: str
+    tokenizer: Any
+    created: int = 0
+
+    def __post_init__(self):
+        self.created = int(time.time())
+
+    def envelope(self, choices: list, usage: p.UsageInfo | None) -> dict[str, Any]:
+        return dict(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+class CompletionFormat(_Envelope):
+    def _choice(self, d: ChoiceDelta) -> p.CompletionChoice:
+        return p.CompletionChoice(index=d.index, text=d.text, logprobs=self._logprobs(d),
+                                  finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+
+    def _logprobs(self, d: ChoiceDelta) -> p.CompletionLogprobs | None:
+        if d.logprobs is None:
+            return None
+        tokens = [self.token_text(t) for t in d.token_ids]
+        offsets, at = [], d.text_offset
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return p.CompletionLogprobs(
+            tokens=tokens, text_offset=offsets,
+            token_logprobs=[entry[t] for t, entry in zip(d.token_ids, d.logprobs)],
+            top_logprobs=[{self.token_text(t): lp for t, lp in _ranked(entry)} for entry in d.logprobs])
+
+    def chunk(self, delta, usage):
+        return p.CompletionResponse(**self.envelope([self._choice(delta)] if delta else [], usage))
+
+    def response(self, deltas, usage):
+        return p.CompletionResponse(**self.envelope([self._choice(d) for d in deltas], usage))
+
+
+@dataclass
+class ChatFormat(_Envelope):
+    top_logprobs: int = 0
+
+    def _logprobs(self, d: ChoiceDelta) -> p.ChatChoiceLogprobs | None:
+        if d.logprobs is None:
+            return None
+        return p.ChatChoiceLogprobs(content=[
+            p.ChatTokenLogprob(**self._top(t, entry[t]),
+                               top_logprobs=[p.TopLogprob(**self._top(alt, lp))
+                                             for alt, lp in _ranked(entry)[:self.top_logprobs]])
+            for t, entry in zip(d.token_ids, d.logprobs)])
+
+    def _top(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return dict(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def chunk(self, delta, usage):
+        choices = []
+        if delta:
+            # The role comes once, with each choice's first delta.
+            message = p.DeltaMessage(role="assistant" if delta.first else None, content=delta.text)
+            choices.append(p.ChatStreamChoice(index=delta.index, delta=message, logprobs=self._logprobs(delta),
+                                              finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+        return p.ChatCompletionChunk(**self.envelope(choices, usage))
+
+    def response(self, deltas, usage):
+        choices = [p.ChatChoice(index=d.index, message=p.AssistantMessage(content=d.text),
+                                logprobs=self._logprobs(d), finish_reason=d.finish_reason,
+                                stop_reason=d.stop_reason) for d in deltas]
+        return p.ChatCompletionResponse(**self.envelope(choices, usage))
+
+
+def _ranked(entry: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda item: item[1], reverse=True)
+
+
+# -- running a request -----------------------------------------------------------
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable) -> tuple[bool, Any]:
+    """(True, result) of `work`, or (False, None) if the client went away first;
+    then `work` is cancelled, which aborts its request in the engine."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            return False, None
+    return True, task.result()
+
+
+async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for last in results:
+        pass
+    return last
+
+
+def _sse(payload: BaseModel, with_usage: bool = False) -> str:
+    # Chunks carry "usage" (null until the last) only when the client asked for usage.
+    return f"data: {payload.model_dump_json(exclude=None if with_usage else {'usage'})}\n\n"
+
+
+async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutput, tracker: DeltaTracker,
+                      fmt: ResponseFormat, include_usage: bool) -> AsyncIterator[str]:
+    # aclosing: if the client disconnects, the engine stream is closed at once,
+    # which aborts the request in the engine.
+    async with aclosing(results):
+        last = first
+        try:
+            for delta in tracker.update(first):
+                yield _sse(fmt.chunk(delta, None), include_usage)
+            async for last in results:
+                for delta in tracker.update(last):
+                    yield _sse(fmt.chunk(delta, None), include_usage)
+        except Exception as e:  # headers are gone: report in the stream
+            logger.exception("generation failed mid-stream")
+            error = p.ErrorInfo(message=f"generation failed: {e}", type="internal_server_error")
+            yield _sse(p.ErrorResponse(error=error))
+        else:
+            if include_usage:
+                yield _sse(fmt.chunk(None, usage_of(last)), with_usage=True)
+    yield "data: [DONE]\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, engine, served_model_names: list[str]):
+        self.engine = engine
+        self.served_model_names = served_model_names
+
+    def check_model(self, model: str | None) -> str:
+        if model is None:
+            return self.served_model_names[0]
+        if model not in self.served_model_names:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return model
+
+    def models(self) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=name, root=self.engine.model_name,
+                                             max_model_len=self.engine.max_model_len)
+                                 for name in self.served_model_names])
+
+    async def completions(self, body: p.CompletionRequest, raw: Request) -> Response:
+        fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", self.check_model(body.model), self.engine.tokenizer)
+        return await self._run(body, body.prompt, fmt, raw)
+
+    async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.check_model(body.model), self.engine.tokenizer,
+                         top_logprobs=body.top_logprobs or 0)
+        return await self._run(body, self._chat_prompt(body), fmt, raw)
+
+    def _chat_prompt(self, body: p.ChatCompletionRequest) -> list[int]:
+        try:
+            ids = self.engine.tokenizer.apply_chat_template(
+                [m.for_template() for m in body.messages], add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # the template rejects what the client sent (roles out of order, ...)
+            raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
+        return list(ids)
+
+    async def _run(self, body: p.GenerationRequest, prompt: str | list[int], fmt: ResponseFormat,
+                   raw: Request) -> Response:
+        params: SamplingParams = body.sampling_params()
+        tracker = DeltaTracker(params.stop)
+        results = self.engine.generate(prompt, params, fmt.id, cache_salt=body.cache_salt)
+        if body.stream:
+            # The first output is awaited here, not in the stream, so that the
+            # engine's rejection of the request is still a proper 4xx.
+            connected, first = await _unless_disconnected(raw, anext(results))
+            if not connected:
+                return Response(status_code=499)
+            return StreamingResponse(_sse_events(results, first, tracker, fmt, body.include_usage),
+                                     media_type="text/event-stream")
+        connected, final = await _unless_disconnected(raw, _last(results))
+        if not connected:
+            return Response(status_code=499)
+        return JSONResponse(fmt.response(tracker.update(final), usage_of(final)).model_dump())
+
+
+# -- the app ---------------------------------------------------------------------
+
+def build_app(engine, served_model_names: list[str], api_key: str | None) -> FastAPI:
+    app = FastAPI(title="kvtier", version=kvtier_version())
+    serving = OpenAIServing(engine, served_model_names or [engine.model_name])
+    registry = make_registry(engine.stats)
+    _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kvtier_version()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = render(registry)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        return serving.models()
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, raw: Request) -> Response:
+        return await serving.completions(body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
+        return await serving.chat(body, raw)
+
+    return app
