@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:  # a model that is not there or not supported
         raise UsageError(f"cannot load model {config.model!r}: {e}") from None
     try:
-        app = build_app(engine, config.served_names or [engine.model_name], args.api_key)
+        app = build_app(engine, config.served_names, args.api_key)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                log_level=args.uvicorn_log_level))
         server.run()

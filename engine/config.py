@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -27,6 +27,12 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kv_transfer_config: Any = None  # connectors.config.KVTransferConfig
+
+    @field_validator("kv_transfer_config", mode="before")
+    @classmethod
+    def _parse_kv_transfer_config(cls, value: Any):
+        from connectors.config import parse_kv_transfer_config
+        return parse_kv_transfer_config(value)
 
     @model_validator(mode="after")
     def _check(self):

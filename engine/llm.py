@@ -16,9 +16,6 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         if model is not None:
             kwargs["model"] = model
-        if "kv_transfer_config" in kwargs:
-            from connectors.config import parse_kv_transfer_config
-            kwargs["kv_transfer_config"] = parse_kv_transfer_config(kwargs["kv_transfer_config"])
         self.engine = LLMEngine(EngineConfig(**kwargs))
         self._ids = itertools.count()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,11 @@ class LLMEngine:
         self.num_blocks = self._num_blocks()
         self.kv_cache_manager = KVCacheManager(self.groups, self.num_blocks, self.block_size,
                                                config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size)
+        self.connector = self._make_connector()
+        policy = config.kv_transfer_config.kv_load_failure_policy if self.connector else "recompute"
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, self.connector, policy)
         self._use_fused_attention()
         self.requests: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
@@ -96,6 +99,21 @@ class LLMEngine:
         # No point in holding more than max_num_seqs full-length requests.
         cap = self.config.max_num_seqs * len(self.groups) * -(-self.max_model_len // self.block_size) + 1
         return max(2, min(budget // page, cap))
+
+    def _make_connector(self):
+        ktc = self.config.kv_transfer_config
+        if ktc is None or ktc.kv_connector is None:
+            return None
+        from connectors.base import KVGroupLayout, KVLayout
+        from connectors.registry import create_connector
+        layout = KVLayout(
+            block_size=self.block_size, page_shape=tuple(self.runner.kv_cache.shape[1:]), dtype=self.dtype,
+            groups=tuple(KVGroupLayout(g.index, g.layers, getattr(g.spec, "window", None)) for g in self.groups),
+            model_name=self.model_name, model_fingerprint=self.loaded.fingerprint)
+        connector = create_connector(ktc, layout)
+        connector.register_kv_caches(self.runner.kv_cache)
+        self.model.connector = connector
+        return connector
 
     def _use_fused_attention(self) -> None:
         """Triton on CUDA; KVTIER_ATTENTION=triton|torch overrides (triton on the CPU
@@ -177,11 +195,23 @@ class LLMEngine:
     # -- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        tokens, logprobs = self.runner.execute(sched)
-        self.scheduler.update_after_step(sched)
         touched: dict[str, RequestGroup] = {}
+        for req in sched.failed:  # a KV load failed under kv_load_failure_policy=fail
+            group = self._child_to_group[req.request_id]
+            touched[group.request_id] = group
+        if not sched.scheduled:
+            if self.scheduler.loading and not touched:
+                time.sleep(0.001)  # only tier loads in flight: wait for them without spinning
+            return self._finish_outputs(touched)
+        meta = None
+        if self.connector is not None:
+            meta = self.connector.build_connector_meta(self._step_plan(sched))
+            self.connector.start_load_kv(meta)
+            self.model.connector_meta = meta
+        tokens, logprobs = self.runner.execute(sched)
+        if self.connector is not None:
+            self.connector.wait_for_save(meta)
+        self.scheduler.update_after_step(sched)
         sampled = [s.request for s in sched.scheduled if s.completes_prompt]
         for req, tok, lp in zip(sampled, tokens, logprobs):
             first = req.first_token_time is None
@@ -195,6 +225,16 @@ class LLMEngine:
             if req.is_finished:
                 self.scheduler.finish(req, req.status)
             touched[group.request_id] = group
+        return self._finish_outputs(touched)
+
+    def _step_plan(self, sched):
+        from connectors.base import ScheduledRequest, StepPlan
+        kv = self.kv_cache_manager
+        return StepPlan([ScheduledRequest(s.request, kv.block_ids(s.request.request_id),
+                                          s.request.num_computed_tokens, s.num_new_tokens)
+                         for s in sched.scheduled], sched.finished_req_ids)
+
+    def _finish_outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = [self._make_output(g) for g in touched.values()]
         for g in touched.values():
             if g.finished:
@@ -230,7 +270,9 @@ class LLMEngine:
                 logprobs=list(c.output_logprobs) if group.params.logprobs is not None else None,
                 finish_reason=c.status.value if c.is_finished else None, stop_reason=c.stop_reason))
         cached = max(0, group.children[0].num_cached_tokens)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached)
+        errors = [c.stop_reason for c in group.children if c.status == RequestStatus.FINISHED_ERROR]
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached,
+                             error=errors[0] if errors else None)
 
     # -- introspection -----------------------------------------------------
     def stats(self) -> EngineStats:
@@ -242,4 +284,5 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions_total,
             kv_cache_usage=kv.usage, kv_cache_usage_per_group=kv.usage_per_group(),
             ttft_buckets=list(self.ttft.buckets), ttft_bucket_counts=list(self.ttft.counts),
-            ttft_sum=self.ttft.sum, ttft_count=self.ttft.count, tiers={})
+            ttft_sum=self.ttft.sum, ttft_count=self.ttft.count,
+            tiers=self.connector.stats() if self.connector is not None else {})

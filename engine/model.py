@@ -74,6 +74,9 @@ class CausalLM:
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.scale = cfg.head_dim ** -0.5
         self.attention = paged_attention_torch
+        # Layer-wise KV connectors hook in here (wait_for_layer_load / save_kv_layer).
+        self.connector = None
+        self.connector_meta = None
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -89,15 +92,20 @@ class CausalLM:
         cos, sin = self.rope(positions)
         h = F.embedding(input_ids, self.embed)
         t = input_ids.shape[0]
-        for layer, (g, slot) in zip(self.layers, layer_slots):
+        connector = self.connector
+        for i, (layer, (g, slot)) in enumerate(zip(self.layers, layer_slots)):
             x = layer.input_norm(h)
             q = F.linear(x, layer.q, layer.qb).view(t, layer.num_heads, layer.head_dim)
             k = F.linear(x, layer.k, layer.kb).view(t, layer.num_kv_heads, layer.head_dim)
             v = F.linear(x, layer.v, layer.vb).view(t, layer.num_kv_heads, layer.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+            if connector is not None:
+                connector.wait_for_layer_load(i)
             write_kv(kv_cache, slot, groups[g], k, v)
             a = self.attention(q, kv_cache, slot, groups[g], self.scale)
+            if connector is not None:
+                connector.save_kv_layer(i, self.connector_meta)
             h = h + F.linear(a.reshape(t, -1), layer.o)
             x = layer.post_norm(h)
             h = h + F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)

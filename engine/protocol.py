@@ -50,7 +50,7 @@ _NEUTRAL_VALUES: dict[str, Any] = {
 class GenerationRequest(OpenAIRequest):
     """The sampling fields that completions and chat share."""
     model: str | None = None  # like vLLM: the first served name when omitted
-    n: int = 1
+    n: int | None = None  # None (as some clients send) keeps SamplingParams' default, as for the rest
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -61,7 +61,7 @@ class GenerationRequest(OpenAIRequest):
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None  # vLLM extension: separates tenants' prefix caches
@@ -152,7 +152,7 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
 
     def _sampling_fields(self) -> dict[str, Any]:

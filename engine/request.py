@@ -41,6 +41,7 @@ class Request:
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
         self.num_computed_tokens = 0
+        self.num_external_tokens = 0  # being loaded by the KV connector
         self.num_cached_tokens = -1  # set when first scheduled
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

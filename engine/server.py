@@ -12,7 +12,7 @@ import secrets
 import time
 import uuid
 from contextlib import aclosing, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Protocol
@@ -140,8 +140,8 @@ class DeltaTracker:
                 continue
             text_from, tokens_from = self.sent_text.get(c.index, 0), self.sent_tokens.get(c.index, 0)
             text_to = len(c.text) if c.finished else self._stable_length(c.text)
-            if text_to <= text_from and len(c.token_ids) <= tokens_from and not c.finished:
-                continue
+            if text_to <= text_from and not c.finished:
+                continue  # its tokens (and logprobs) go out with the text they turn into
             deltas.append(ChoiceDelta(
                 c.index, c.text[text_from:text_to], c.token_ids[tokens_from:],
                 None if c.logprobs is None else c.logprobs[tokens_from:],
@@ -171,6 +171,7 @@ def usage_of(out: RequestOutput) -> p.UsageInfo:
 
 class ResponseFormat(Protocol):
     """How one OpenAI endpoint renders choices, chunks and whole responses."""
+    id: str
 
     def chunk(self, delta: ChoiceDelta | None, usage: p.UsageInfo | None) -> BaseModel: ...
 
@@ -182,10 +183,7 @@ class _Envelope:
     id: str
     model: str
     tokenizer: Any
-    created: int = 0
-
-    def __post_init__(self):
-        self.created = int(time.time())
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def envelope(self, choices: list, usage: p.UsageInfo | None) -> dict[str, Any]:
         return dict(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -264,20 +262,23 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable) -> tuple[bool, Any]:
-    """(True, result) of `work`, or (False, None) if the client went away first;
-    then `work` is cancelled, which aborts its request in the engine."""
+    """(True, result) of `work`, or (False, None) if the client went away first.
+    Cancelling `work` closes its engine stream, which aborts the request."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-            return False, None
-    return True, task.result()
+    if task in done:
+        return True, task.result()
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+    return False, None
 
 
 async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -48,53 +48,53 @@ def kvtier_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def default_model(kvtier_cache):
+def fetched_default_model(kvtier_cache):
     return load_model(None)
 
 
 @pytest.fixture(scope="module")
-def reloaded_default_model(default_model):
+def reloaded_default_model(fetched_default_model):
     """A second load, served from the cache (file, digest, tokenizer)."""
     return load_model(DEFAULT_MODEL_NAME)
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_model(default_model):
-    return AutoModelForCausalLM.from_pretrained(**default_model.hf_reference, dtype=torch.float32)
+def hf_gguf_model(fetched_default_model):
+    return AutoModelForCausalLM.from_pretrained(**fetched_default_model.hf_reference, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def hf_gguf_tokenizer(default_model):
-    return AutoTokenizer.from_pretrained(**default_model.hf_reference)
+def hf_gguf_tokenizer(fetched_default_model):
+    return AutoTokenizer.from_pretrained(**fetched_default_model.hf_reference)
 
 
-def test_default_model_aliases_resolve_to_the_cached_gguf(default_model, kvtier_cache):
+def test_default_model_aliases_resolve_to_the_cached_gguf(fetched_default_model, kvtier_cache):
     paths = {resolve_model_path(alias)
              for alias in (None, DEFAULT_MODEL_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct")}
     model_dir = kvtier_cache / "models" / DEFAULT_MODEL_NAME
     assert paths == {model_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert os.listdir(model_dir) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]  # no temp leftovers
-    assert default_model.name == DEFAULT_MODEL_NAME
+    assert fetched_default_model.name == DEFAULT_MODEL_NAME
 
 
-def test_default_model_config(default_model, hf_gguf_model):
-    config, hf = default_model.config, hf_gguf_model.config
+def test_default_model_config(fetched_default_model, hf_gguf_model):
+    config, hf = fetched_default_model.config, hf_gguf_model.config
     assert (config.architecture, config.num_layers, config.num_heads, config.num_kv_heads,
             config.head_dim, config.vocab_size) == ("llama", 30, 9, 3, 64, 49152)
     assert (config.hidden_size, config.intermediate_size, config.max_position_embeddings) == (
         hf.hidden_size, hf.intermediate_size, hf.max_position_embeddings)
     assert (config.rope_theta, config.rms_norm_eps) == (hf.rope_theta, hf.rms_norm_eps)
-    assert config.tie_word_embeddings and "lm_head.weight" not in default_model.weights
+    assert config.tie_word_embeddings and "lm_head.weight" not in fetched_default_model.weights
     assert config.layer_types == ["full_attention"] * 30 and config.sliding_window is None
     assert (config.bos_token_id, config.eos_token_ids) == (1, [2])
     assert not config.attention_bias and config.rope_scaling is None
 
 
-def test_gguf_weights_equal_transformers_gguf_load(default_model, hf_gguf_model):
-    assert_weights_equal(default_model.weights, default_model.config, hf_gguf_model.state_dict())
+def test_gguf_weights_equal_transformers_gguf_load(fetched_default_model, hf_gguf_model):
+    assert_weights_equal(fetched_default_model.weights, fetched_default_model.config, hf_gguf_model.state_dict())
 
 
-@pytest.mark.parametrize("which", ["default_model", "reloaded_default_model"])
+@pytest.mark.parametrize("which", ["fetched_default_model", "reloaded_default_model"])
 def test_tokenizer_encodes_like_transformers(which, request, hf_gguf_tokenizer):
     tokenizer = request.getfixturevalue(which).tokenizer
     for text in SAMPLE_TEXTS:
@@ -102,7 +102,7 @@ def test_tokenizer_encodes_like_transformers(which, request, hf_gguf_tokenizer):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
 
 
-@pytest.mark.parametrize("which", ["default_model", "reloaded_default_model"])
+@pytest.mark.parametrize("which", ["fetched_default_model", "reloaded_default_model"])
 def test_chat_template_renders(which, request, hf_gguf_tokenizer):
     tokenizer = request.getfixturevalue(which).tokenizer
     prompt = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
@@ -111,22 +111,22 @@ def test_chat_template_renders(which, request, hf_gguf_tokenizer):
                                                            add_generation_prompt=True)
 
 
-def test_default_model_reload_is_identical(default_model, reloaded_default_model):
-    assert reloaded_default_model.fingerprint == default_model.fingerprint
-    assert len(default_model.fingerprint) == 64
-    assert reloaded_default_model.config == default_model.config
-    assert reloaded_default_model.hf_reference == default_model.hf_reference
+def test_default_model_reload_is_identical(fetched_default_model, reloaded_default_model):
+    assert reloaded_default_model.fingerprint == fetched_default_model.fingerprint
+    assert len(fetched_default_model.fingerprint) == 64
+    assert reloaded_default_model.config == fetched_default_model.config
+    assert reloaded_default_model.hf_reference == fetched_default_model.hf_reference
 
 
-def test_gguf_path_loads_in_requested_dtype(default_model):
-    gguf_path = Path(default_model.hf_reference["pretrained_model_name_or_path"]) / \
-        default_model.hf_reference["gguf_file"]
+def test_gguf_path_loads_in_requested_dtype(fetched_default_model):
+    gguf_path = Path(fetched_default_model.hf_reference["pretrained_model_name_or_path"]) / \
+        fetched_default_model.hf_reference["gguf_file"]
     loaded = load_model(str(gguf_path), dtype=torch.bfloat16)
     assert loaded.name == "SmolLM2-135M-Instruct.Q4_1"
-    assert loaded.fingerprint == default_model.fingerprint
+    assert loaded.fingerprint == fetched_default_model.fingerprint
     embed = loaded.weights["model.embed_tokens.weight"]
     assert embed.dtype == torch.bfloat16
-    assert torch.equal(embed, default_model.weights["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert torch.equal(embed, fetched_default_model.weights["model.embed_tokens.weight"].to(torch.bfloat16))
 
 
 # ---------------------------------------------------------------------------

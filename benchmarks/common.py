@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: timing, tables, JSON."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from contextlib import contextmanager
+
+
+@contextmanager
+def timer(out: list):
+    t = time.perf_counter()
+    yield
+    out.append(time.perf_counter() - t)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def emit_json(name: str, payload: dict) -> None:
+    print(f"\nJSON {name}: " + json.dumps(payload, sort_keys=True))

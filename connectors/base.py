@@ -1,0 +1,133 @@
+"""The KV connector API, in the engine-neutral types of this package.
+
+A connector moves KV blocks between the engine's device pool and somewhere else
+(host memory, disk, object stores, another engine). The engine calls the
+scheduler-side methods while it plans a step and the worker-side methods while
+it runs one; in kvtier both sides live in one object. The shape follows vLLM's
+KVConnectorBase_V1 so a connector written against it ports with little change.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from connectors.config import KVTransferConfig
+
+
+class ConnectorRequest(Protocol):
+    """What a connector may read of a request (the engine's Request satisfies it)."""
+    request_id: str
+    prompt_token_ids: list[int]
+    all_token_ids: list[int]
+    block_hashes: list[bytes]  # chained, one per full device block, identical in every group
+    cache_salt: str | None
+    num_computed_tokens: int
+
+    @property
+    def num_prompt_tokens(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class KVGroupLayout:
+    index: int
+    layers: tuple[int, ...]
+    sliding_window: int | None  # None: full attention
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the device pool is laid out: [num_blocks, *page_shape], one page a
+    block of every layer of a group, so a group's KV for a block is contiguous."""
+    block_size: int
+    page_shape: tuple[int, ...]  # (layers_per_page, 2, block_size, kv_heads, head_dim)
+    dtype: torch.dtype
+    groups: tuple[KVGroupLayout, ...]
+    model_name: str
+    model_fingerprint: str
+
+
+@dataclass
+class ScheduledRequest:
+    request: ConnectorRequest
+    block_ids: list[list[int]]   # per group, after this step's allocation (0 = null block)
+    num_computed_tokens: int     # before this step
+    num_new_tokens: int
+
+
+@dataclass
+class StepPlan:
+    """What the scheduler decided for one step, handed to build_connector_meta."""
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)
+
+
+class ConnectorMetadata:
+    """Opaque to the engine: passed from the scheduler side to the worker side."""
+
+
+class KVConnectorBase(ABC):
+    def __init__(self, config: KVTransferConfig, layout: KVLayout):
+        self.config = config
+        self.layout = layout
+        self.extra = dict(config.kv_connector_extra_config)
+
+    # -- scheduler side ----------------------------------------------------
+    @abstractmethod
+    def get_num_new_matched_tokens(self, request: ConnectorRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens beyond `num_computed_tokens` this connector can supply, and
+        whether they arrive asynchronously (the request then waits for them)."""
+
+    @abstractmethod
+    def update_state_after_alloc(self, request: ConnectorRequest, block_ids: list[list[int]],
+                                 num_external_tokens: int) -> None:
+        """Blocks were allocated for the hit: remember where the load must land."""
+
+    @abstractmethod
+    def build_connector_meta(self, plan: StepPlan) -> ConnectorMetadata:
+        """Everything the worker side needs for this step (loads to start, blocks to save)."""
+
+    def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
+        """True to keep the request's blocks until get_finished reports it sent."""
+        return False
+
+    def take_events(self) -> list:
+        """KV cache events (blocks stored or removed) since the last call."""
+        return []
+
+    # -- worker side -------------------------------------------------------
+    def register_kv_caches(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+
+    @abstractmethod
+    def start_load_kv(self, metadata: ConnectorMetadata) -> None:
+        """Start this step's loads; must not wait for them."""
+
+    def wait_for_layer_load(self, layer: int) -> None:
+        """Layer-wise connectors block here until `layer`'s KV is in place."""
+
+    def save_kv_layer(self, layer: int, metadata: ConnectorMetadata) -> None:
+        """Layer-wise connectors start saving `layer` here, right after it ran."""
+
+    @abstractmethod
+    def wait_for_save(self, metadata: ConnectorMetadata) -> None:
+        """The forward pass is done: the step's new blocks may be read now. Must not
+        hold the step loop for the store itself."""
+
+    @abstractmethod
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(requests whose held blocks may be freed now, requests whose loads finished)."""
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Device blocks whose load failed since the last call: their tokens are recomputed."""
+        return set()
+
+    # -- introspection -----------------------------------------------------
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per tier: lookup_tokens, hit_tokens, bytes_in, bytes_out, usage_bytes, errors, corrupt_blocks."""
+        return {}
+
+    def shutdown(self) -> None:
+        pass

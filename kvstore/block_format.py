@@ -1,0 +1,125 @@
+"""The stored form of one offload block: a header, then the raw tensor bytes.
+
+    prefix   magic b"KVTB", format version (u16), header length (u32),
+             CRC-32C of the header (u32), little endian
+    header   JSON: key, model fingerprint, dtype, shape, token count,
+             payload length, CRC-32C of the payload
+    payload  the tensor's bytes, C order
+
+A reader checks all of it before one byte is reported as a hit: a short,
+corrupt, foreign (other key, model or layout) or other-version object raises
+CorruptBlockError and is never returned. The payload is written from and read
+into the tensor's own memory, without an intermediate copy.
+"""
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from .buffers import byte_view
+from .checksum import crc32c
+from .keys import dtype_name
+
+MAGIC = b"KVTB"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHII")
+
+
+class CorruptBlockError(Exception):
+    """A stored object that must not be used; `reason` says why:
+    truncated, magic, version, header, foreign or checksum."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _read_exact(reader, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _readinto_exact(reader, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = reader.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+class BlockCodec:
+    """Encodes and verifies the blocks of one model fingerprint, dtype and shape."""
+
+    def __init__(self, model_fingerprint: str, dtype: torch.dtype, shape: Sequence[int], num_tokens: int = 0) -> None:
+        self.model_fingerprint = model_fingerprint
+        self.dtype = dtype
+        self.shape = tuple(int(d) for d in shape)
+        self.num_tokens = num_tokens
+        self.payload_nbytes = torch.Size(self.shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self._expected = {
+            "fingerprint": model_fingerprint,
+            "dtype": dtype_name(dtype),
+            "shape": list(self.shape),
+            "tokens": num_tokens,
+            "nbytes": self.payload_nbytes,
+        }
+
+    def encode(self, key: str, tensor: torch.Tensor) -> list:
+        """The object as buffers to write one after the other (header, payload)."""
+        payload = byte_view(tensor)
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape:
+            raise ValueError(f"block {tuple(tensor.shape)} {tensor.dtype} is not {self.shape} {self.dtype}")
+        header = json.dumps({"key": key, **self._expected, "crc": crc32c(payload)}).encode()
+        return [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), crc32c(header)) + header, payload]
+
+    def read_into(self, reader, size: int, key: str, out: torch.Tensor) -> None:
+        """Read one object of `size` bytes from `reader` (read/readinto) into `out`."""
+        prefix = _read_exact(reader, _PREFIX.size)
+        if len(prefix) < _PREFIX.size:
+            raise CorruptBlockError("truncated", "no prefix")
+        magic, version, header_len, header_crc = _PREFIX.unpack(prefix)
+        if magic != MAGIC:
+            raise CorruptBlockError("magic")
+        if version != FORMAT_VERSION:
+            raise CorruptBlockError("version", f"{version} != {FORMAT_VERSION}")
+        raw = _read_exact(reader, header_len)
+        if len(raw) < header_len:
+            raise CorruptBlockError("truncated", "short header")
+        if crc32c(raw) != header_crc:
+            raise CorruptBlockError("header", "checksum")
+        try:
+            header = json.loads(raw)
+        except ValueError as e:
+            raise CorruptBlockError("header", str(e)) from None
+        if header.get("key") != key or any(header.get(k) != v for k, v in self._expected.items()):
+            raise CorruptBlockError("foreign", f"{header.get('key')} {header.get('fingerprint')}")
+        if size != _PREFIX.size + header_len + self.payload_nbytes:
+            raise CorruptBlockError("truncated", f"size {size}")
+        payload = byte_view(out)
+        if _readinto_exact(reader, memoryview(payload)) < self.payload_nbytes:
+            raise CorruptBlockError("truncated", "short payload")
+        if crc32c(payload) != header["crc"]:
+            raise CorruptBlockError("checksum")
+
+    def decode(self, blob, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Verify a whole object held in memory; returns `out` (or a new tensor)."""
+        if out is None:
+            out = torch.empty(self.shape, dtype=self.dtype)
+        self.read_into(io.BytesIO(blob), len(blob), key, out)
+        return out
+
+
+def encoded_size(parts: Sequence) -> int:
+    return sum(memoryview(p).nbytes for p in parts)

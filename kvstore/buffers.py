@@ -1,0 +1,40 @@
+"""Tensors seen as bytes, and batched row copies that stay fast under load.
+
+Copies go through numpy, not torch: torch's copy kernels split over both
+OpenMP threads and stall when the other core is busy (1.5 GB/s against 9 GB/s
+for numpy's single-threaded memcpy, measured here with a neighbour running).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def byte_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a flat, writable uint8 array (no copy).
+    Works for every dtype, bfloat16 included, which numpy itself lacks."""
+    if not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous tensor")
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def byte_rows(tensor: torch.Tensor) -> np.ndarray:
+    """A [n, ...] tensor as an [n, row_bytes] uint8 array (no copy)."""
+    return byte_view(tensor).reshape(tensor.shape[0], -1)
+
+
+def _runs(dst_rows: Sequence[int], src_rows: Sequence[int]):
+    """Split a row mapping into runs that are consecutive on both sides."""
+    start = 0
+    for i in range(1, len(dst_rows) + 1):
+        if i == len(dst_rows) or dst_rows[i] != dst_rows[i - 1] + 1 or src_rows[i] != src_rows[i - 1] + 1:
+            yield dst_rows[start], src_rows[start], i - start
+            start = i
+
+
+def copy_rows(dst: np.ndarray, dst_rows: Sequence[int], src: np.ndarray, src_rows: Sequence[int]) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]], one memcpy per run of consecutive rows."""
+    for d, s, n in _runs(dst_rows, src_rows):
+        np.copyto(dst[d:d + n], src[s:s + n])
