@@ -78,11 +78,19 @@ class BlockCodec:
 
     def encode(self, key: str, tensor: torch.Tensor) -> list:
         """The object as buffers to write one after the other (header, payload)."""
-        payload = byte_view(tensor)
         if tensor.dtype != self.dtype or tuple(tensor.shape) != self.shape:
             raise ValueError(f"block {tuple(tensor.shape)} {tensor.dtype} is not {self.shape} {self.dtype}")
-        header = json.dumps({"key": key, **self._expected, "crc": crc32c(payload)}).encode()
+        payload = byte_view(tensor)
+        header = self._header(key, crc32c(payload))
         return [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header), crc32c(header)) + header, payload]
+
+    def encoded_size(self, key: str) -> int:
+        """Size of the stored object for `key`, known before its checksum."""
+        return _PREFIX.size + len(self._header(key, 0)) + self.payload_nbytes
+
+    def _header(self, key: str, crc: int) -> bytes:
+        # A fixed-width checksum keeps the size computable ahead of the write.
+        return json.dumps({"key": key, **self._expected, "crc": f"{crc:08x}"}).encode()
 
     def read_into(self, reader, size: int, key: str, out: torch.Tensor) -> None:
         """Read one object of `size` bytes from `reader` (read/readinto) into `out`."""
@@ -110,7 +118,7 @@ class BlockCodec:
         payload = byte_view(out)
         if _readinto_exact(reader, memoryview(payload)) < self.payload_nbytes:
             raise CorruptBlockError("truncated", "short payload")
-        if crc32c(payload) != header["crc"]:
+        if f"{crc32c(payload):08x}" != header["crc"]:
             raise CorruptBlockError("checksum")
 
     def decode(self, blob, key: str, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ for numpy's single-threaded memcpy, measured here with a neighbour running).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ def byte_view(tensor: torch.Tensor) -> np.ndarray:
 
 def byte_rows(tensor: torch.Tensor) -> np.ndarray:
     """A [n, ...] tensor as an [n, row_bytes] uint8 array (no copy)."""
-    return byte_view(tensor).reshape(tensor.shape[0], -1)
+    row_bytes = math.prod(tensor.shape[1:]) * tensor.element_size()
+    return byte_view(tensor).reshape(tensor.shape[0], row_bytes)
 
 
 def _runs(dst_rows: Sequence[int], src_rows: Sequence[int]):
@@ -34,7 +36,19 @@ def _runs(dst_rows: Sequence[int], src_rows: Sequence[int]):
             start = i
 
 
-def copy_rows(dst: np.ndarray, dst_rows: Sequence[int], src: np.ndarray, src_rows: Sequence[int]) -> None:
-    """dst[dst_rows[i]] = src[src_rows[i]], one memcpy per run of consecutive rows."""
-    for d, s, n in _runs(dst_rows, src_rows):
-        np.copyto(dst[d:d + n], src[s:s + n])
+def rows_of(blocks) -> np.ndarray | list[np.ndarray]:
+    """Byte rows of a [n, ...] tensor, or of a list of block tensors."""
+    if isinstance(blocks, torch.Tensor):
+        return byte_rows(blocks)
+    return [byte_view(block) for block in blocks]
+
+
+def copy_rows(dst, dst_rows: Sequence[int], src, src_rows: Sequence[int]) -> None:
+    """dst[dst_rows[i]] = src[src_rows[i]]: one memcpy per run of rows that are
+    consecutive on both sides when both are arrays, else one per row."""
+    if isinstance(dst, np.ndarray) and isinstance(src, np.ndarray):
+        for d, s, n in _runs(dst_rows, src_rows):
+            np.copyto(dst[d:d + n], src[s:s + n])
+    else:
+        for d, s in zip(dst_rows, src_rows):
+            np.copyto(dst[d], src[s])

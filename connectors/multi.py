@@ -1,0 +1,118 @@
+"""MultiConnector: several connectors behind one. A hit loads from the first
+connector that has it; every connector saves.
+
+    {"kv_connector": "MultiConnector", "kv_role": "kv_both",
+     "kv_connector_extra_config": {"connectors": [{"kv_connector": ..., ...}, ...]}}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from connectors.base import ConnectorMetadata, ConnectorRequest, KVConnectorBase, KVLayout, StepPlan
+from connectors.config import KVTransferConfig, parse_kv_transfer_config
+
+
+@dataclass
+class MultiMetadata(ConnectorMetadata):
+    parts: list[ConnectorMetadata]
+
+
+class MultiConnector(KVConnectorBase):
+    def __init__(self, config: KVTransferConfig, layout: KVLayout):
+        super().__init__(config, layout)
+        from connectors.registry import create_connector
+        specs = self.extra.get("connectors")
+        if not isinstance(specs, list) or not specs:
+            raise ValueError("kv_transfer_config.kv_connector_extra_config.connectors: "
+                             "a non-empty list of connector configs is required")
+        self.connectors: list[KVConnectorBase] = []
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict):
+                raise ValueError(f"kv_transfer_config.kv_connector_extra_config.connectors.{i}: expected an object")
+            spec = {"kv_role": config.kv_role, "kv_load_failure_policy": config.kv_load_failure_policy, **spec}
+            try:
+                sub = parse_kv_transfer_config(spec)
+            except ValueError as e:
+                raise ValueError(str(e).replace("kv_transfer_config.",
+                                                f"kv_transfer_config.kv_connector_extra_config.connectors.{i}.")) from None
+            self.connectors.append(create_connector(sub, layout))
+        self._chosen: dict[str, int] = {}   # request -> the connector its hit loads from
+        self._holding: dict[str, set[int]] = {}  # request -> connectors still reading its blocks
+
+    def get_num_new_matched_tokens(self, request: ConnectorRequest, num_computed_tokens: int) -> tuple[int, bool]:
+        for i, c in enumerate(self.connectors):
+            tokens, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
+            if tokens > 0:
+                self._chosen[request.request_id] = i
+                return tokens, is_async
+        self._chosen.pop(request.request_id, None)
+        return 0, False
+
+    def update_state_after_alloc(self, request: ConnectorRequest, block_ids: list[list[int]],
+                                 num_external_tokens: int) -> None:
+        chosen = self._chosen.get(request.request_id)
+        for i, c in enumerate(self.connectors):
+            c.update_state_after_alloc(request, block_ids, num_external_tokens if i == chosen else 0)
+
+    def build_connector_meta(self, plan: StepPlan) -> MultiMetadata:
+        for rid in plan.finished_req_ids:
+            self._chosen.pop(rid, None)
+        return MultiMetadata([c.build_connector_meta(plan) for c in self.connectors])
+
+    def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
+        holding = {i for i, c in enumerate(self.connectors) if c.request_finished(request, block_ids)}
+        if holding:
+            self._holding[request.request_id] = holding
+        return bool(holding)
+
+    def take_events(self) -> list:
+        return [e for c in self.connectors for e in c.take_events()]
+
+    def register_kv_caches(self, kv_cache) -> None:
+        super().register_kv_caches(kv_cache)
+        for c in self.connectors:
+            c.register_kv_caches(kv_cache)
+
+    def start_load_kv(self, metadata: MultiMetadata) -> None:
+        for c, m in zip(self.connectors, metadata.parts):
+            c.start_load_kv(m)
+
+    def wait_for_layer_load(self, layer: int) -> None:
+        for c in self.connectors:
+            c.wait_for_layer_load(layer)
+
+    def save_kv_layer(self, layer: int, metadata: MultiMetadata) -> None:
+        for c, m in zip(self.connectors, metadata.parts):
+            c.save_kv_layer(layer, m)
+
+    def wait_for_save(self, metadata: MultiMetadata) -> None:
+        for c, m in zip(self.connectors, metadata.parts):
+            c.wait_for_save(m)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        sent, received = set(), set()
+        for i, c in enumerate(self.connectors):
+            s, r = c.get_finished(finished_req_ids)
+            received |= r
+            for rid in s:
+                holding = self._holding.get(rid)
+                if holding is not None:
+                    holding.discard(i)
+                    if not holding:
+                        del self._holding[rid]
+                        sent.add(rid)
+        return sent, received
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set().union(*(c.get_block_ids_with_load_errors() for c in self.connectors))
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for i, c in enumerate(self.connectors):
+            for tier, s in c.stats().items():
+                out[f"{i}.{tier}" if len(self.connectors) > 1 else tier] = s
+        return out
+
+    def shutdown(self) -> None:
+        for c in self.connectors:
+            c.shutdown()

@@ -1,0 +1,162 @@
+"""The tier interface, and what every tier shares: stats and health.
+
+Public methods never raise for a tier failure: an exception from the backend
+becomes misses (or a dropped write), is counted, and marks the tier unhealthy
+so that it is skipped until a back-off has passed; then one call probes it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EvictionHook = Callable[[list[str], list[torch.Tensor]], None]
+
+
+@dataclass
+class TierStats:
+    lookups: int = 0  # keys asked for, by exists (up to the first miss) and get
+    hits: int = 0
+    bytes_in: int = 0  # payload bytes written into the tier
+    bytes_out: int = 0  # payload bytes read out of it
+    puts: int = 0  # blocks stored
+    evictions: int = 0
+    corrupt: int = 0  # truncated, corrupt, foreign or other-version objects dropped
+    errors: int = 0
+    dropped: int = 0  # blocks not stored: no room, queue full or tier down
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+class Health:
+    """Exponential back-off after failures: 1x, 2x, 4x ... `backoff_s`, up to `max_backoff_s`."""
+
+    def __init__(self, backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._failures == 0
+
+    def available(self) -> bool:
+        return self._failures == 0 or time.monotonic() >= self._retry_at
+
+    def succeeded(self) -> None:
+        self._failures = 0
+
+    def failed(self, error: BaseException) -> None:
+        self._failures += 1
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        self.last_error = f"{type(error).__name__}: {error}"
+
+
+class Tier(ABC):
+    """Blocks of one shape and dtype under string keys.
+
+    get(keys, out) fills out[i] (tensors of the block shape) for every hit and
+    returns, per key, that tensor or None; without `out` it allocates.
+    put returns how many blocks were stored. `on_evict`, when set, receives
+    evicted blocks before they are gone (write-back).
+    """
+
+    kind = "tier"
+
+    def __init__(self, name: str, block_shape: Sequence[int], dtype: torch.dtype, health: Health | None = None) -> None:
+        self.name = name
+        self.block_shape = tuple(block_shape)
+        self.dtype = dtype
+        self.stats = TierStats()
+        self.health = health or Health()
+        self.on_evict: EvictionHook | None = None
+        self.block_nbytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def healthy(self) -> bool:
+        return self.health.healthy
+
+    def exists(self, keys: Sequence[str]) -> int:
+        """Length of the prefix of `keys` this tier holds."""
+        hits = self._guard(self._exists, 0, list(keys))
+        self.stats.add(lookups=min(hits + 1, len(keys)), hits=hits)
+        return hits
+
+    def get(self, keys: Sequence[str], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+        keys = list(keys)
+        if out is None:
+            out = [torch.empty(self.block_shape, dtype=self.dtype) for _ in keys]
+        found = self._guard(self._get, [False] * len(keys), keys, out)
+        hits = sum(found)
+        self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
+        return [out[i] if ok else None for i, ok in enumerate(found)]
+
+    def put(self, keys: Sequence[str], tensors: Sequence[torch.Tensor]) -> int:
+        keys = list(keys)
+        if len(keys) != len(tensors):
+            raise ValueError(f"{len(keys)} keys for {len(tensors)} blocks")
+        for t in tensors:
+            if tuple(t.shape) != self.block_shape or t.dtype != self.dtype:
+                raise ValueError(f"block {tuple(t.shape)} {t.dtype} is not {self.block_shape} {self.dtype}")
+        stored = self._guard(self._put, None, keys, tensors)
+        if stored is None:  # down, or failed as a whole
+            self.stats.add(dropped=len(keys))
+            return 0
+        self.stats.add(puts=stored, bytes_in=stored * self.block_nbytes)
+        return stored
+
+    def delete(self, keys: Sequence[str]) -> None:
+        self._guard(self._delete, None, list(keys))
+
+    def usage(self) -> dict:
+        return {"kind": self.kind, "healthy": self.healthy, "last_error": self.health.last_error, **self._usage()}
+
+    def close(self) -> None:
+        """Release connections and threads."""
+
+    def _guard(self, operation, default, *args):
+        if not self.health.available():
+            return default
+        try:
+            result = operation(*args)
+        except Exception as error:  # a tier failure is a miss, never the caller's problem
+            self.health.failed(error)
+            self.stats.add(errors=1)
+            logger.warning("tier %s: %s failed: %s", self.name, operation.__name__, error)
+            return default
+        self.health.succeeded()
+        return result
+
+    @abstractmethod
+    def _exists(self, keys: list[str]) -> int: ...
+
+    @abstractmethod
+    def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]: ...
+
+    @abstractmethod
+    def _put(self, keys: list[str], tensors: Sequence[torch.Tensor]) -> int:
+        """Store the blocks; count those not stored in stats.dropped."""
+
+    @abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def _usage(self) -> dict: ...

@@ -1,0 +1,270 @@
+"""Tiers that keep blocks as serialized objects (fs, obj, redis).
+
+A BlobBackend knows only where bytes live; BlobTier does the rest for all of
+them: encoding, verification (a corrupt object is a miss, deleted and
+counted), capacity and eviction through a CachePolicy, and write-back
+hand-down of victims.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import torch
+
+from ..block_format import BlockCodec, CorruptBlockError, encoded_size
+from .base import Health, Tier
+from .capacity import CapacityIndex
+
+logger = logging.getLogger(__name__)
+
+# sink(position, reader, size): `reader` has read(n) and readinto(buffer) over
+# exactly `size` bytes of one object.
+Sink = Callable[[int, object, int], None]
+
+
+def info_mtime(info: dict) -> float:
+    """Modification time, in seconds, from an fsspec info dict of any filesystem."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("updated") or info.get("created") or 0.0
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+class BlobBackend(ABC):
+    """Where a tier's bytes live. Names are keys, already safe everywhere.
+    Raise on a failure of the whole backend; the tier makes it misses."""
+
+    @abstractmethod
+    def write(self, names: Sequence[str], parts: Sequence[list]) -> list[Exception | None]:
+        """Store each object (its buffers back to back) atomically; per-object errors."""
+
+    @abstractmethod
+    def read(self, names: Sequence[str], sink: Sink) -> None:
+        """Call `sink` for each object that exists, possibly from several threads."""
+
+    @abstractmethod
+    def exists(self, names: Sequence[str]) -> int:
+        """Length of the prefix of `names` that exists."""
+
+    @abstractmethod
+    def delete(self, names: Sequence[str]) -> None:
+        """Remove objects; missing ones are not an error."""
+
+    def scan(self) -> Iterable[tuple[str, int, float]]:
+        """(name, size, mtime) of every stored object, to rebuild an index."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class BlobTier(Tier):
+    def __init__(self, name: str, kind: str, backend: BlobBackend, codec: BlockCodec, *,
+                 capacity_bytes: int | None = None, policy=None, indexed: bool = False,
+                 health: Health | None = None, encode_threads: int = 2) -> None:
+        super().__init__(name, codec.shape, codec.dtype, health)
+        self.kind = kind
+        self.backend = backend
+        self.codec = codec
+        self._lock = threading.Lock()
+        # Checksums release the GIL: encode a batch on a few threads.
+        self._encoders = ThreadPoolExecutor(encode_threads, thread_name_prefix=f"kv-{name}-encode")
+        self._index: CapacityIndex | None = None
+        if indexed or capacity_bytes is not None:
+            if policy is None:
+                raise ValueError(f"tier {name}: a capacity needs a cache policy")
+            self._index = CapacityIndex(capacity_bytes, policy)
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        """Take in what is already stored, oldest first, so a restarted
+        process hits on blocks written before it and its policy ages them right."""
+        entries = sorted(self.backend.scan(), key=lambda entry: entry[2])
+        excess = []
+        for name, size, _ in entries:
+            reserved, victims = self._index.adopt(name, size)
+            excess.extend(victims)
+            if not reserved:
+                excess.append(name)
+        if excess:  # the capacity shrank since they were written
+            self.backend.delete(excess)
+            self.stats.add(evictions=len(excess))
+
+    # -- the Tier interface ------------------------------------------------
+
+    def _exists(self, keys: list[str]) -> int:
+        if self._index is None:
+            return self.backend.exists(keys)
+        with self._lock:
+            held = self._index.prefix(keys)
+        if held == len(keys):
+            return held
+        # Another process sharing the store may have written the rest.
+        found = self.backend.exists(keys[held:])
+        self._adopt(keys[held:held + found])
+        return held + found
+
+    def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]:
+        pinned = self._pin(keys)
+        try:
+            found, corrupt = self._read_into(keys, out)
+        finally:
+            self._unpin(pinned)
+        if corrupt:
+            self.stats.add(corrupt=len(corrupt))
+            self._forget(corrupt)
+        if self._index is not None:
+            with self._lock:
+                for key, hit in zip(keys, found):
+                    if hit:
+                        self._index.touch(key)
+                    else:
+                        self._index.remove(key)  # gone behind our back
+            self._adopt([key for key, hit in zip(keys, found) if hit])
+        return found
+
+    def _put(self, keys: list[str], tensors: Sequence[torch.Tensor]) -> int:
+        chosen, victims = self._reserve(keys)
+        if not chosen:
+            return 0
+        try:
+            self._evict(victims)
+            encoded = list(self._encoders.map(lambda i: self.codec.encode(keys[i], tensors[i]), chosen))
+            errors = self.backend.write([keys[i] for i in chosen], encoded)
+        except BaseException:
+            self._settle([keys[i] for i in chosen], [True] * len(chosen))
+            raise
+        failed = [error is not None for error in errors]
+        self._settle([keys[i] for i in chosen], failed)
+        if all(failed):
+            raise errors[0]
+        for i, error in zip(chosen, errors):
+            if error is not None:
+                logger.warning("tier %s: writing %s failed: %s", self.name, keys[i], error)
+        self.stats.add(errors=sum(failed), dropped=sum(failed))
+        return len(chosen) - sum(failed)
+
+    def _delete(self, keys: list[str]) -> None:
+        self.backend.delete(keys)
+        if self._index is not None:
+            with self._lock:
+                for key in keys:
+                    self._index.remove(key)
+
+    def _usage(self) -> dict:
+        if self._index is None:
+            return {}
+        with self._lock:
+            return {
+                "blocks": len(self._index),
+                "used_bytes": self._index.used,
+                "capacity_bytes": self._index.capacity,
+                "pinned": self._index.pinned,
+            }
+
+    def close(self) -> None:
+        self._encoders.shutdown(wait=True)
+        self.backend.close()
+
+    # -- bookkeeping -------------------------------------------------------
+
+    def _reserve(self, keys: list[str]) -> tuple[list[int], list[str]]:
+        """Positions to write (not held yet, room made) and the victims evicted for them."""
+        if self._index is None:
+            return list(range(len(keys))), []
+        chosen, victims, dropped = [], [], 0
+        with self._lock:
+            for i, key in enumerate(keys):
+                if self._index.known(key):
+                    self._index.touch(key)
+                    continue
+                reserved, evicted = self._index.reserve(key, self.codec.encoded_size(key))
+                victims.extend(evicted)
+                if reserved:
+                    chosen.append(i)
+                else:
+                    dropped += 1
+        self.stats.add(dropped=dropped)
+        return chosen, victims
+
+    def _settle(self, keys: list[str], failed: list[bool]) -> None:
+        if self._index is None:
+            return
+        with self._lock:
+            for key, bad in zip(keys, failed):
+                if bad:
+                    self._index.release(key)
+                else:
+                    self._index.commit(key)
+
+    def _evict(self, victims: list[str]) -> None:
+        if not victims:
+            return
+        if self.on_evict is not None:
+            # Write-back: hand victims down before they are gone (they are
+            # no longer indexed, so read them straight from the backend).
+            blocks = [torch.empty(self.block_shape, dtype=self.dtype) for _ in victims]
+            found, _ = self._read_into(victims, blocks)
+            kept = [i for i, hit in enumerate(found) if hit]
+            if kept:
+                self.on_evict([victims[i] for i in kept], [blocks[i] for i in kept])
+        self.backend.delete(victims)
+        self.stats.add(evictions=len(victims))
+
+    def _read_into(self, keys: list[str], out: Sequence[torch.Tensor]) -> tuple[list[bool], list[str]]:
+        """Verified reads: which keys were found whole, and which were corrupt."""
+        found = [False] * len(keys)
+        corrupt: list[str] = []
+
+        def sink(i: int, reader, size: int) -> None:
+            try:
+                self.codec.read_into(reader, size, keys[i], out[i])
+                found[i] = True
+            except CorruptBlockError as error:
+                logger.warning("tier %s: dropping %s: %s", self.name, keys[i], error)
+                corrupt.append(keys[i])
+
+        self.backend.read(keys, sink)
+        return found, corrupt
+
+    def _adopt(self, keys: list[str]) -> None:
+        """Index keys found stored but not indexed (another process wrote them).
+        Their exact size is unknown without a stat: the block's size is close."""
+        if self._index is None or not keys:
+            return
+        victims = []
+        with self._lock:
+            for key in keys:
+                if not self._index.known(key):
+                    victims.extend(self._index.adopt(key, self.codec.encoded_size(key))[1])
+        self._evict(victims)
+
+    def _forget(self, keys: list[str]) -> None:
+        try:
+            self.backend.delete(keys)
+        except Exception as error:  # the object stays, but it is no longer trusted
+            logger.warning("tier %s: deleting %s failed: %s", self.name, keys, error)
+        if self._index is not None:
+            with self._lock:
+                for key in keys:
+                    self._index.remove(key)
+
+    def _pin(self, keys: list[str]) -> list[str]:
+        if self._index is None:
+            return []
+        with self._lock:
+            pinned = [key for key in keys if key in self._index]
+            for key in pinned:
+                self._index.pin(key)
+        return pinned
+
+    def _unpin(self, keys: list[str]) -> None:
+        if keys:
+            with self._lock:
+                for key in keys:
+                    self._index.unpin(key)

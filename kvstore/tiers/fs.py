@@ -1,0 +1,131 @@
+"""The filesystem tier: one file per block on any fsspec filesystem, a local
+directory by default.
+
+Writes go to a hidden temp name, then are renamed: a reader never sees half
+a block. The index is rebuilt from the directory on start, so a restarted
+process hits on blocks written before it.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import fsspec
+from pydantic import Field, PositiveInt, model_validator
+
+from .blob import BlobBackend, BlobTier, Sink, info_mtime
+from .spec import TierContext, TierSpec
+
+SUFFIX = ".kvb"
+STALE_TEMP_S = 3600.0  # temp files this old belong to a writer that died
+
+
+class FsSpec(TierSpec):
+    type: Literal["fs"] = "fs"
+    path: str | None = None  # a local directory
+    url: str | None = None  # any fsspec URL (file://, memory://, ...)
+    storage_options: dict = Field(default_factory=dict)
+    max_bytes: PositiveInt | None = None
+    fsync: bool = False  # durable against power loss, not only process death
+    io_threads: PositiveInt = 2
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if self.path and self.url:
+            raise ValueError("give the fs tier `path` or `url`, not both")
+        return self
+
+    def location(self) -> str:
+        return self.url or self.path or os.path.join(os.path.expanduser("~"), ".cache", "kvtier", "blocks")
+
+    def build(self, ctx: TierContext) -> BlobTier:
+        fs, root = fsspec.core.url_to_fs(self.location(), **self.storage_options)
+        backend = FsBackend(fs, root, fsync=self.fsync, io_threads=self.io_threads)
+        return BlobTier(self.name or self.type, "fs", backend, ctx.codec, capacity_bytes=self.max_bytes,
+                        policy=ctx.policy_factory(self.eviction_policy), indexed=True, health=self.health())
+
+
+class FsBackend(BlobBackend):
+    def __init__(self, fs, root: str, *, fsync: bool = False, io_threads: int = 2) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.fsync = fsync
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._made_dirs: set[str] = {self.root}
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kv-fs-io")
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{name}{SUFFIX}"
+
+    def write(self, names: Sequence[str], parts: Sequence[list]) -> list[Exception | None]:
+        return list(self._pool.map(self._write_one, names, parts))
+
+    def _write_one(self, name: str, parts: list) -> Exception | None:
+        path = self._path(name)
+        directory, base = posixpath.split(path)
+        temp = f"{directory}/.{base}.{uuid.uuid4().hex}.tmp"
+        try:
+            if directory not in self._made_dirs:
+                self.fs.makedirs(directory, exist_ok=True)
+                self._made_dirs.add(directory)
+            with self.fs.open(temp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+                if self.fsync and hasattr(f, "fileno"):
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.fs.mv(temp, path)
+            return None
+        except Exception as error:
+            self._remove(temp)
+            return error
+
+    def read(self, names: Sequence[str], sink: Sink) -> None:
+        def read_one(i: int) -> None:
+            try:
+                f = self.fs.open(self._path(names[i]), "rb")
+            except FileNotFoundError:
+                return
+            with f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                sink(i, f, size)
+
+        for _ in self._pool.map(read_one, range(len(names))):
+            pass
+
+    def exists(self, names: Sequence[str]) -> int:
+        for n, name in enumerate(names):
+            if not self.fs.exists(self._path(name)):
+                return n
+        return len(names)
+
+    def delete(self, names: Sequence[str]) -> None:
+        for name in names:
+            self._remove(self._path(name))
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    def scan(self) -> Iterable[tuple[str, int, float]]:
+        now = time.time()
+        for path, info in self.fs.find(self.root, detail=True).items():
+            base = posixpath.basename(path)
+            mtime = info_mtime(info)
+            if base.startswith("."):
+                if base.endswith(".tmp") and now - mtime > STALE_TEMP_S:
+                    self._remove(path)
+                continue
+            if path.endswith(SUFFIX):
+                yield path[len(self.root) + 1:-len(SUFFIX)], int(info["size"]), mtime
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
