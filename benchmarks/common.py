@@ -30,3 +30,14 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def emit_json(name: str, payload: dict) -> None:
     print(f"\nJSON {name}: " + json.dumps(payload, sort_keys=True))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)

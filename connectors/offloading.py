@@ -129,7 +129,7 @@ class OffloadingConnector(KVConnectorBase):
             block_shape=self.block_shape, dtype=layout.dtype, cpu_bytes=cpu_bytes,
             secondary_specs=self.cfg.secondary_tiers, model_fingerprint=layout.model_fingerprint,
             eviction_policy=self.cfg.eviction_policy, cache_policy_module_path=self.cfg.cache_policy_module_path,
-            write_mode=self.cfg.write_mode)
+            write_mode=self.cfg.write_mode, block_tokens=self.offload_tokens)
         self.request_policy = make_request_policy(self.cfg.request_policy, self.cfg.request_policy_module_path,
                                                   **self.cfg.request_policy_config)
         self.layout_ids = [layout_id(layout.dtype, self.offload_tokens, g.index, self.block_shape)

@@ -199,15 +199,16 @@ class LLMEngine:
         for req in sched.failed:  # a KV load failed under kv_load_failure_policy=fail
             group = self._child_to_group[req.request_id]
             touched[group.request_id] = group
+        meta = None
+        if self.connector is not None:
+            # Built even for an empty step: the loads it starts are what an idle step waits on.
+            meta = self.connector.build_connector_meta(self._step_plan(sched))
+            self.connector.start_load_kv(meta)
+            self.model.connector_meta = meta
         if not sched.scheduled:
             if self.scheduler.loading and not touched:
                 time.sleep(0.001)  # only tier loads in flight: wait for them without spinning
             return self._finish_outputs(touched)
-        meta = None
-        if self.connector is not None:
-            meta = self.connector.build_connector_meta(self._step_plan(sched))
-            self.connector.start_load_kv(meta)
-            self.model.connector_meta = meta
         tokens, logprobs = self.runner.execute(sched)
         if self.connector is not None:
             self.connector.wait_for_save(meta)

@@ -101,11 +101,11 @@ class Scheduler:
                 if external:
                     if not self.kv_cache.allocate_slots(req.request_id, num_computed, external, hit):
                         break
+                    req.num_computed_tokens = num_computed  # the connector loads from here on
+                    req.num_external_tokens = external
                     self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
                     self._record_hit(req, num_computed + external)
                     self.waiting.popleft()
-                    req.num_computed_tokens = num_computed
-                    req.num_external_tokens = external
                     if is_async:
                         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
                         self.loading[req.request_id] = req

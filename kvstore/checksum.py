@@ -32,9 +32,10 @@ def _load_library():
 _LIBRARY = _load_library()
 
 
-def crc32c(data) -> int:
-    """CRC-32C of any C-contiguous buffer (bytes, memoryview, numpy array)."""
+def crc32c(data, crc: int = 0) -> int:
+    """CRC-32C of any C-contiguous buffer (bytes, memoryview, numpy array),
+    continuing `crc`: crc32c(b, crc32c(a)) == crc32c(a + b)."""
     array = np.frombuffer(data, dtype=np.uint8)
     if _LIBRARY is not None:
-        return _LIBRARY.crc32c_extend(0, array.ctypes.data, array.nbytes)
-    return google_crc32c.value((ctypes.c_char * array.nbytes).from_address(array.ctypes.data))
+        return _LIBRARY.crc32c_extend(crc, array.ctypes.data, array.nbytes)
+    return google_crc32c.extend(crc, (ctypes.c_char * array.nbytes).from_address(array.ctypes.data))

@@ -64,10 +64,11 @@ def make_cache_policy(name: str = "lru", module_path: str | None = None, **kwarg
 
 def make_request_policy(name: str = "default", module_path: str | None = None, **kwargs):
     """A built-in policy by name, or from `module_path`: a class (built with
-    `kwargs`), an object with `on_new_request`, or a plain function."""
+    `kwargs`), an object with `on_new_request`, or a plain function; with no
+    name, the module's own `on_new_request` function."""
     if not module_path:
         return _named(REQUEST_POLICIES, name, "request policy")(**kwargs)
-    target = load_object(module_path, None if name == "default" else name)
+    target = load_object(module_path, "on_new_request" if name == "default" else name)
     if inspect.isclass(target):
         target = target(**kwargs)
     if callable(getattr(target, "on_new_request", None)):

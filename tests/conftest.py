@@ -27,3 +27,25 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=hf_model.config.eos_token_id)
     return out[0, len(prompt_ids):].tolist()
+
+
+# Real servers (redis-server, moto's S3, fake-gcs-server) on 127.0.0.1, one each per session.
+@pytest.fixture(scope="session")
+def redis_srv():
+    import servers
+    with servers.redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_srv():
+    import servers
+    with servers.s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_srv():
+    import servers
+    with servers.gcs_server() as server:
+        yield server

@@ -75,11 +75,12 @@ class Tier(ABC):
 
     get(keys, out) fills out[i] (tensors of the block shape) for every hit and
     returns, per key, that tensor or None; without `out` it allocates.
-    put returns how many blocks were stored. `on_evict`, when set, receives
+    put returns how many blocks were written. `on_evict`, when set, receives
     evicted blocks before they are gone (write-back).
     """
 
     kind = "tier"
+    bounded = False  # evicts when full (and so may hand blocks down in write-back)
 
     def __init__(self, name: str, block_shape: Sequence[int], dtype: torch.dtype, health: Health | None = None) -> None:
         self.name = name
@@ -109,19 +110,30 @@ class Tier(ABC):
         self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
         return [out[i] if ok else None for i, ok in enumerate(found)]
 
-    def put(self, keys: Sequence[str], tensors: Sequence[torch.Tensor]) -> int:
+    def put(self, keys: Sequence[str], tensors) -> int:
+        """Store blocks (a [n, *block_shape] tensor or a list); how many were written."""
+        return sum(self.store(keys, tensors))
+
+    def store(self, keys: Sequence[str], tensors) -> list[bool]:
+        """Like put, per block: True where it was written now (False: already
+        held, no room, or the tier failed)."""
         keys = list(keys)
+        self._check_blocks(keys, tensors)
+        written = self._guard(self._store, None, keys, tensors)
+        if written is None:  # down, or failed as a whole
+            self.stats.add(dropped=len(keys))
+            return [False] * len(keys)
+        count = sum(written)
+        self.stats.add(puts=count, bytes_in=count * self.block_nbytes)
+        return written
+
+    def _check_blocks(self, keys: list[str], tensors) -> None:
         if len(keys) != len(tensors):
             raise ValueError(f"{len(keys)} keys for {len(tensors)} blocks")
-        for t in tensors:
-            if tuple(t.shape) != self.block_shape or t.dtype != self.dtype:
-                raise ValueError(f"block {tuple(t.shape)} {t.dtype} is not {self.block_shape} {self.dtype}")
-        stored = self._guard(self._put, None, keys, tensors)
-        if stored is None:  # down, or failed as a whole
-            self.stats.add(dropped=len(keys))
-            return 0
-        self.stats.add(puts=stored, bytes_in=stored * self.block_nbytes)
-        return stored
+        shapes = [tuple(tensors.shape[1:])] if isinstance(tensors, torch.Tensor) else [tuple(t.shape) for t in tensors]
+        dtypes = [tensors.dtype] if isinstance(tensors, torch.Tensor) else [t.dtype for t in tensors]
+        if any(shape != self.block_shape for shape in shapes) or any(dtype != self.dtype for dtype in dtypes):
+            raise ValueError(f"blocks must be {self.block_shape} {self.dtype}")
 
     def delete(self, keys: Sequence[str]) -> None:
         self._guard(self._delete, None, list(keys))
@@ -152,8 +164,8 @@ class Tier(ABC):
     def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]: ...
 
     @abstractmethod
-    def _put(self, keys: list[str], tensors: Sequence[torch.Tensor]) -> int:
-        """Store the blocks; count those not stored in stats.dropped."""
+    def _store(self, keys: list[str], tensors) -> list[bool]:
+        """Write the blocks not held yet; count those that find no room in stats.dropped."""
 
     @abstractmethod
     def _delete(self, keys: list[str]) -> None: ...

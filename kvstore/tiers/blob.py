@@ -63,6 +63,19 @@ class BlobBackend(ABC):
         pass
 
 
+class _InOrder(Sequence):
+    """A list of futures that reads as the list of their results."""
+
+    def __init__(self, futures: list) -> None:
+        self._futures = futures
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def __getitem__(self, i):
+        return self._futures[i].result()
+
+
 class BlobTier(Tier):
     def __init__(self, name: str, kind: str, backend: BlobBackend, codec: BlockCodec, *,
                  capacity_bytes: int | None = None, policy=None, indexed: bool = False,
@@ -79,7 +92,13 @@ class BlobTier(Tier):
             if policy is None:
                 raise ValueError(f"tier {name}: a capacity needs a cache policy")
             self._index = CapacityIndex(capacity_bytes, policy)
-            self._rebuild_index()
+            self.bounded = capacity_bytes is not None
+            try:
+                self._rebuild_index()
+            except Exception as error:  # start empty and unhealthy rather than not at all
+                self.health.failed(error)
+                self.stats.add(errors=1)
+                logger.warning("tier %s: rebuilding the index failed: %s", name, error)
 
     def _rebuild_index(self) -> None:
         """Take in what is already stored, oldest first, so a restarted
@@ -128,13 +147,16 @@ class BlobTier(Tier):
             self._adopt([key for key, hit in zip(keys, found) if hit])
         return found
 
-    def _put(self, keys: list[str], tensors: Sequence[torch.Tensor]) -> int:
+    def _store(self, keys: list[str], tensors) -> list[bool]:
+        written = [False] * len(keys)
         chosen, victims = self._reserve(keys)
         if not chosen:
-            return 0
+            return written
         try:
             self._evict(victims)
-            encoded = list(self._encoders.map(lambda i: self.codec.encode(keys[i], tensors[i]), chosen))
+            # Encoding (the checksum) runs ahead on its own threads while the
+            # backend writes the blocks already encoded.
+            encoded = _InOrder([self._encoders.submit(self.codec.encode, keys[i], tensors[i]) for i in chosen])
             errors = self.backend.write([keys[i] for i in chosen], encoded)
         except BaseException:
             self._settle([keys[i] for i in chosen], [True] * len(chosen))
@@ -147,7 +169,9 @@ class BlobTier(Tier):
             if error is not None:
                 logger.warning("tier %s: writing %s failed: %s", self.name, keys[i], error)
         self.stats.add(errors=sum(failed), dropped=sum(failed))
-        return len(chosen) - sum(failed)
+        for i, bad in zip(chosen, failed):
+            written[i] = not bad
+        return written
 
     def _delete(self, keys: list[str]) -> None:
         self.backend.delete(keys)

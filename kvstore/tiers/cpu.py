@@ -21,6 +21,7 @@ from .capacity import CapacityIndex
 
 class CpuTier(Tier):
     kind = "cpu"
+    bounded = True
 
     def __init__(self, name: str, block_shape: Sequence[int], dtype: torch.dtype, capacity_bytes: int,
                  policy, health: Health | None = None) -> None:
@@ -35,10 +36,9 @@ class CpuTier(Tier):
         self._index = CapacityIndex(self.num_slots, policy)
         self._lock = threading.Lock()
 
-    # -- what the tiered store uses beside the Tier interface --------------
+    # -- the Tier interface ------------------------------------------------
 
-    def put_fresh(self, keys: Sequence[str], blocks) -> list[bool]:
-        """Copy in the blocks not held yet; True where a block was copied."""
+    def _store(self, keys: list[str], blocks) -> list[bool]:
         rows = rows_of(blocks)
         fresh, slots, spare, victims, dropped = [], [], [], [], 0
         with self._lock:
@@ -78,35 +78,6 @@ class CpuTier(Tier):
         done = set(fresh)
         return [i in done for i in range(len(keys))]
 
-    def acquire(self, keys: Sequence[str]) -> list[torch.Tensor | None]:
-        """Pin each held key and return a view of its slot (None if not held).
-        A view stays valid until release(); release exactly the acquired keys."""
-        with self._lock:
-            views = []
-            for key in keys:
-                if key in self._index:
-                    self._index.pin(key)
-                    self._index.touch(key)
-                    views.append(self.pool[self._slot_of[key]])
-                else:
-                    views.append(None)
-            return views
-
-    def release(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            for key in keys:
-                self._index.unpin(key)
-                if key in self._doomed and not self._index.is_pinned(key):
-                    heapq.heappush(self._free, self._doomed.pop(key))
-
-    def read_acquired(self, keys: Sequence[str], out, out_rows: Sequence[int]) -> None:
-        """Copy acquired keys into out[out_rows[i]] in batched runs."""
-        with self._lock:
-            slots = [self._slot_of.get(key, self._doomed.get(key)) for key in keys]
-        copy_rows(rows_of(out), out_rows, self._rows, slots)
-
-    # -- the Tier interface ------------------------------------------------
-
     def _exists(self, keys: list[str]) -> int:
         with self._lock:
             return self._index.prefix(keys)
@@ -120,9 +91,6 @@ class CpuTier(Tier):
             self.release([keys[i] for i in held])
         return [view is not None for view in views]
 
-    def _put(self, keys: list[str], tensors) -> int:
-        return sum(self.put_fresh(keys, tensors))
-
     def _delete(self, keys: list[str]) -> None:
         with self._lock:
             for key in keys:
@@ -130,6 +98,7 @@ class CpuTier(Tier):
                     slot = self._slot_of.pop(key)
                     if self._index.is_pinned(key):
                         self._doomed[key] = slot
+                        self._index.capacity -= 1  # the slot is still taken until released
                     else:
                         heapq.heappush(self._free, slot)
 
@@ -142,6 +111,39 @@ class CpuTier(Tier):
                 "pinned": self._index.pinned,
                 "free_slots": len(self._free),
             }
+
+    # -- what the tiered store uses beside the Tier interface --------------
+
+    def acquire(self, keys: Sequence[str], lookup: bool = False) -> list[torch.Tensor | None]:
+        """Pin each held key and return a view of its slot (None if not held).
+        A view stays valid until release(); release exactly the acquired keys."""
+        views = []
+        with self._lock:
+            for key in keys:
+                if key in self._index:
+                    self._index.pin(key)
+                    self._index.touch(key)
+                    views.append(self.pool[self._slot_of[key]])
+                else:
+                    views.append(None)
+        if lookup:
+            hits = sum(view is not None for view in views)
+            self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
+        return views
+
+    def release(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._index.unpin(key)
+                if key in self._doomed and not self._index.is_pinned(key):
+                    heapq.heappush(self._free, self._doomed.pop(key))
+                    self._index.capacity += 1
+
+    def read_acquired(self, keys: Sequence[str], out, out_rows: Sequence[int]) -> None:
+        """Copy acquired keys into out[out_rows[i]] in batched runs."""
+        with self._lock:
+            slots = [self._slot_of.get(key, self._doomed.get(key)) for key in keys]
+        copy_rows(rows_of(out), out_rows, self._rows, slots)
 
     def _hand_down(self, victims: list[tuple[str, int]]) -> None:
         copies = torch.empty((len(victims), *self.block_shape), dtype=self.dtype)

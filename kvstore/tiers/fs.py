@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field, PositiveInt, model_validator
 
 from .blob import BlobBackend, BlobTier, Sink, info_mtime
@@ -79,17 +80,28 @@ class FsBackend(BlobBackend):
                 if self.fsync and hasattr(f, "fileno"):
                     f.flush()
                     os.fsync(f.fileno())
-            self.fs.mv(temp, path)
+            self._rename(temp, path)
             return None
         except Exception as error:
             self._remove(temp)
             return error
 
+    def _open_for_read(self, path: str):
+        if isinstance(self.fs, LocalFileSystem):
+            return open(path, "rb", buffering=0)  # payloads land straight in the tensor, no buffer between
+        return self.fs.open(path, "rb")
+
+    def _rename(self, source: str, target: str) -> None:
+        if isinstance(self.fs, LocalFileSystem):
+            os.replace(source, target)  # atomic; fsspec's mv would move *into* a directory in the way
+        else:
+            self.fs.mv(source, target)
+
     def read(self, names: Sequence[str], sink: Sink) -> None:
         def read_one(i: int) -> None:
             try:
-                f = self.fs.open(self._path(names[i]), "rb")
-            except FileNotFoundError:
+                f = self._open_for_read(self._path(names[i]))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
                 return
             with f:
                 size = f.seek(0, 2)

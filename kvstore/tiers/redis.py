@@ -1,10 +1,18 @@
-"""The Redis tier: one string per block, pipelined batches over a few
-connections in parallel, optional TTL. `redis://` and `rediss://` (TLS) URLs.
+"""The Redis tier: strings, pipelined batches over a few connections in
+parallel, optional TTL. `redis://` and `rediss://` (TLS) URLs.
 
-Connections, authentication and TLS are redis-py's. Two hot paths bypass its
+A block under 7 MiB is one string. A larger one is cut into pieces stored
+under "{key}", "{key}#1", ... (one hash slot): Redis's allocator maps and
+unmaps every value of 8 MiB and more page by page (jemalloc's oversize
+threshold), which made a SET of an 11.8 MB block 2-3x slower than its pieces,
+and a hash would copy every field on HSET (both measured here). The first
+piece, which holds the header, is written last: a reader that finds it finds
+the whole block.
+
+Connections, authentication and TLS are redis-py's. The hot paths bypass its
 command packing and reply parsing, which copy every payload: SET sends the
-header and the tensor's memory as separate buffers of one bulk string, and
-GET reads replies with BulkReplyReader into the destination tensors.
+header and slices of the tensor's memory as they are, and MGET replies are
+read with ReplyReader straight into the destination tensors.
 """
 from __future__ import annotations
 
@@ -18,8 +26,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .blob import BlobBackend, BlobTier, Sink
-from .resp import BulkReplyReader
+from .resp import ArrayStream, ReplyReader
 from .spec import TierContext, TierSpec
+
+MAX_PIECE = 7 << 20  # under jemalloc's 8 MiB oversize threshold
 
 
 class RedisSpec(TierSpec):
@@ -37,14 +47,57 @@ class RedisSpec(TierSpec):
         return url
 
     def build(self, ctx: TierContext) -> BlobTier:
-        backend = RedisBackend(self.url, ttl=self.ttl, key_prefix=self.key_prefix,
+        backend = RedisBackend(self.url, ctx.codec.encoded_size, ttl=self.ttl, key_prefix=self.key_prefix,
                                connections=self.connections, timeout_s=self.timeout_s)
         return BlobTier(self.name or self.type, "redis", backend, ctx.codec, health=self.health())
 
 
+def _bulk(data) -> list:
+    """RESP bulk string framing around a buffer, without copying it."""
+    return [b"$%d\r\n" % memoryview(data).nbytes, data, b"\r\n"]
+
+
+def _coalesced(buffers: list) -> list:
+    """Join runs of small buffers (framing, keys) so that each send is worth a syscall."""
+    out, small = [], []
+    for buffer in buffers:
+        if memoryview(buffer).nbytes < 65536:
+            small.append(buffer)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(buffer)
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+def _pieces(parts: list, size: int) -> list[list]:
+    """Cut an object (buffers back to back, `size` bytes) into near-equal
+    pieces of at most MAX_PIECE bytes, each a list of slices."""
+    count = max(1, -(-size // MAX_PIECE))
+    room_per_piece = -(-size // count)
+    pieces, current, room = [], [], room_per_piece
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while len(view):
+            take = view[:room]
+            current.append(take)
+            view = view[len(take):]
+            room -= len(take)
+            if not room:
+                pieces.append(current)
+                current, room = [], room_per_piece
+    if current or not pieces:
+        pieces.append(current)
+    return pieces
+
+
 class RedisBackend(BlobBackend):
-    def __init__(self, url: str, *, ttl: int | None = None, key_prefix: str = "kvtier:",
-                 connections: int = 2, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, object_size: Callable[[str], int], *, ttl: int | None = None,
+                 key_prefix: str = "kvtier:", connections: int = 2, timeout_s: float = 5.0) -> None:
+        self.object_size = object_size  # the fields to ask for follow from the block's size
         self.ttl = ttl
         self.key_prefix = key_prefix
         self.connections = connections
@@ -54,8 +107,10 @@ class RedisBackend(BlobBackend):
         self._client = redis_py.Redis(connection_pool=self._pool)
         self._threads = ThreadPoolExecutor(connections, thread_name_prefix="kv-redis")
 
-    def _key(self, name: str) -> bytes:
-        return (self.key_prefix + name).encode()
+    def _keys(self, name: str, size: int) -> list[bytes]:
+        """The keys of an object of `size` bytes, first piece first."""
+        base = f"{self.key_prefix}{{{name}}}".encode()
+        return [base] + [b"%s#%d" % (base, n) for n in range(1, max(1, -(-size // MAX_PIECE)))]
 
     def _on_connections(self, count: int, work: Callable[[object, list[int]], None]) -> None:
         """Run work(connection, positions) with the positions spread over the connections."""
@@ -74,41 +129,49 @@ class RedisBackend(BlobBackend):
         for _ in self._threads.map(on_one, shares):
             pass
 
-    def _set_command(self, name: str, parts: list) -> list:
+    def _set_commands(self, name: str, parts: list) -> tuple[list, int]:
+        """SET commands for every piece, the first (header) piece last; and their count."""
         size = sum(memoryview(part).nbytes for part in parts)
-        key = self._key(name)
-        argc, expiry = (5, b"$2\r\nEX\r\n$%d\r\n%d\r\n" % (len(str(self.ttl)), self.ttl)) if self.ttl else (3, b"")
-        head = b"*%d\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (argc, len(key), key, size)
-        return [head, *parts, b"\r\n" + expiry]
+        keys, pieces = self._keys(name, size), _pieces(parts, size)
+        expiry = [*_bulk(b"EX"), *_bulk(b"%d" % self.ttl)] if self.ttl else []
+        command = []
+        for key, piece in reversed(list(zip(keys, pieces))):
+            length = sum(len(s) for s in piece)
+            command += [b"*%d\r\n" % (5 if self.ttl else 3), *_bulk(b"SET"), *_bulk(key),
+                        b"$%d\r\n" % length, *piece, b"\r\n", *expiry]
+        return _coalesced(command), len(pieces)
 
     def write(self, names: Sequence[str], parts: Sequence[list]) -> list[Exception | None]:
         errors: list[Exception | None] = [None] * len(names)
 
         def work(connection, positions: list[int]) -> None:
+            replies = []
             for i in positions:
-                connection.send_packed_command(self._set_command(names[i], parts[i]), check_health=False)
-            for i in positions:
-                try:
-                    connection.read_response()
-                except redis_py.ResponseError as error:  # e.g. OOM: this block only
-                    errors[i] = error
+                command, count = self._set_commands(names[i], parts[i])
+                connection.send_packed_command(command, check_health=False)
+                replies.append(count)
+            for i, count in zip(positions, replies):
+                for _ in range(count):
+                    try:
+                        connection.read_response()
+                    except redis_py.ResponseError as error:  # e.g. OOM: this block only
+                        errors[i] = error
 
         self._on_connections(len(names), work)
         return errors
 
     def read(self, names: Sequence[str], sink: Sink) -> None:
         def work(connection, positions: list[int]) -> None:
-            connection.send_packed_command(connection.pack_commands([("GET", self._key(names[i])) for i in positions]),
-                                           check_health=False)
-            reader = BulkReplyReader(connection._sock)
+            commands = [(b"MGET", *self._keys(names[i], self.object_size(names[i]))) for i in positions]
+            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            reader = ReplyReader(connection._sock)
             for i in positions:
-                size = reader.open_bulk()
-                if size is None:
-                    continue
+                stream = ArrayStream(reader, reader.open_array() or 0)
                 try:
-                    sink(i, reader, size)
+                    if stream.present():
+                        sink(i, stream, self.object_size(names[i]))
                 finally:
-                    reader.close_bulk()
+                    stream.finish()
             if not reader.drained:
                 raise redis_py.ConnectionError("unexpected data after the replies")
 
@@ -117,7 +180,7 @@ class RedisBackend(BlobBackend):
     def exists(self, names: Sequence[str]) -> int:
         pipe = self._client.pipeline(transaction=False)
         for name in names:
-            pipe.exists(self._key(name))
+            pipe.exists(self._keys(name, 0)[0])
         found = 0
         for hit in pipe.execute():
             if not hit:
@@ -127,7 +190,7 @@ class RedisBackend(BlobBackend):
 
     def delete(self, names: Sequence[str]) -> None:
         if names:
-            self._client.unlink(*(self._key(name) for name in names))
+            self._client.unlink(*(key for name in names for key in self._keys(name, self.object_size(name))))
 
     def close(self) -> None:
         self._threads.shutdown(wait=True)

@@ -1,0 +1,317 @@
+"""The OffloadingConnector end to end: TTFT served from each tier, and a multi-turn chat.
+
+    python -m benchmarks.bench_connectors [--quick]
+
+1. TTFT (wall time of generate(max_tokens=1)) of 2048- and 4096-token prompts
+   (random token ids 100..40000, a new prompt for every measurement) whose KV
+   comes from the cpu, fs, obj (moto S3) or redis tier, with the device prefix
+   cache holding none of it; against cold recompute of a prompt of the same
+   length on the same engine configuration, in the same run.
+     cpu:   one engine; cold prompt, flush, drop the device prefix cache, again.
+     other: a writer engine (CPU tier + that tier) computes the prompt cold
+            (that is the cold time), its stores are flushed, then a second
+            engine of the same configuration (empty device pool and CPU tier,
+            same directory / bucket / Redis: a replica, or a restart) runs it.
+   Every hit is checked: num_cached_tokens covers all but the last offload
+   block, the tier's bytes_out grew by the blocks served and, for a secondary
+   tier, the CPU tier served nothing.
+2. A multi-turn chat: 16 conversations x 6 turns; a turn is 150 new user tokens
+   (random ids) appended to the history, then a 16-token greedy reply
+   (ignore_eos, so every configuration sees the same token counts) that joins
+   the history. Turns go round robin (conversation 0..15 of turn 1, then of
+   turn 2, ...), one request at a time: each request's TTFT is the time from
+   add_request to the engine step that returned its first token (the engine is
+   stepped here, as LLM.generate does; RequestOutput.metrics is not filled by
+   the engine). The device pool holds about a quarter of the working set, so
+   without a connector most of a conversation's history is evicted before its
+   next turn. Configurations: no connector, CPU-only offloading, CPU + fs.
+
+The servers (redis-server, moto) come from tests/servers.py and are started
+and stopped here. Timings on a 2-core machine are sensitive to anything else
+running: the load average at start and end is printed with the results.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/servers.py; tests/ is not a package
+
+import torch  # noqa: E402
+
+import servers  # noqa: E402
+from benchmarks.common import emit_json, median, percentile, print_table  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.model_loader import load_model  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+TIERS = ("cpu", "fs", "obj", "redis")
+TTFT_TARGETS = {"cpu": 1 / 20, "fs": 1 / 10, "obj": 1 / 5, "redis": 1 / 5}  # tier TTFT / cold TTFT
+CHAT_TARGET = 1 / 5  # mean TTFT with offloading / without
+ONE = SamplingParams(temperature=0, max_tokens=1)
+
+
+def random_prompt(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(100, 40000) for _ in range(n)]
+
+
+def offloading_config(cpu_bytes: int, secondary: list[dict], offload_block: int | None) -> dict:
+    extra = {"spec_name": "TieringOffloadingSpec" if secondary else "CPUOffloadingSpec",
+             "cpu_bytes_to_use": cpu_bytes, "secondary_tiers": secondary}
+    if offload_block:
+        extra["block_size"] = offload_block
+    return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+
+
+def make_llm(loaded, ktc: dict | None, **engine_kwargs) -> LLM:
+    llm = LLM.from_engine(LLMEngine(EngineConfig(kv_transfer_config=ktc, **engine_kwargs), loaded=loaded))
+    # First calls pay for allocator growth and kernel selection.
+    llm.generate([random_prompt(64, random.Random(1))], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    return llm
+
+
+def close_llm(llm: LLM) -> None:
+    if llm.engine.connector is not None:
+        llm.engine.connector.shutdown()  # finishes queued stores, closes connections
+
+
+def flush(llm: LLM) -> None:
+    if llm.engine.connector is not None and not llm.engine.connector.store.flush(120):
+        raise RuntimeError("background stores did not finish within 120 s")
+
+
+# -- 1. TTFT per tier ------------------------------------------------------
+
+class TierCase:
+    """A writer engine and the engine that reads back (the same one for cpu)."""
+
+    def __init__(self, tier: str, spec: dict | None, loaded, args, engine_kwargs: dict) -> None:
+        self.tier = tier
+        ktc = offloading_config(args.cpu_bytes, [spec] if spec else [], args.offload_block)
+        self.writer = make_llm(loaded, ktc, **engine_kwargs)
+        self.reader = self.writer if tier == "cpu" else make_llm(loaded, ktc, **engine_kwargs)
+        connector = self.reader.engine.connector
+        self.offload_tokens = connector.offload_tokens
+        self.block_bytes = connector.store.cpu.block_nbytes
+
+    def measure(self, n: int, rng: random.Random) -> dict:
+        p = random_prompt(n, rng)
+        t = time.perf_counter()
+        out = self.writer.generate([p], ONE, use_tqdm=False)[0]
+        cold = time.perf_counter() - t
+        assert out.num_cached_tokens == 0, f"the cold run found {out.num_cached_tokens} tokens cached"
+        flush(self.writer)
+        if self.reader is self.writer:
+            assert self.writer.engine.kv_cache_manager.pool.reset_prefix_cache(), "device blocks still in use"
+        before = self.reader.engine.stats().tiers
+        t = time.perf_counter()
+        out = self.reader.generate([p], ONE, use_tqdm=False)[0]
+        hit = time.perf_counter() - t
+        after = self.reader.engine.stats().tiers
+        flush(self.reader)  # its own stores must not run into the next cold measurement
+        cached = out.num_cached_tokens
+        # Whole offload blocks only, and never the one holding the last prompt token
+        # (OffloadingConnector.get_num_new_matched_tokens stops at (prompt - 1) // block).
+        expect = (n - 1) // self.offload_tokens * self.offload_tokens
+        assert cached >= expect, f"{self.tier}: {cached} of {n} tokens cached, expected {expect}"
+        moved = {name: after[name]["bytes_out"] - before[name]["bytes_out"] for name in after}
+        need = cached // self.offload_tokens * self.block_bytes
+        assert moved[self.tier] >= need, f"{self.tier} served {moved[self.tier]} bytes, expected >= {need}"
+        if self.tier != "cpu":
+            assert moved["cpu"] == 0, f"the CPU tier served {moved['cpu']} bytes of a {self.tier} hit"
+        return {"cold_s": cold, "hit_s": hit, "cached_tokens": cached, "tier_bytes_out": moved[self.tier]}
+
+    def close(self) -> None:
+        close_llm(self.writer)
+        if self.reader is not self.writer:
+            close_llm(self.reader)
+
+
+def bench_ttft(loaded, specs: dict, args, rng: random.Random) -> list[dict]:
+    # A pool for one 4096-token request and then some; the same for every engine.
+    engine_kwargs = {"num_gpu_blocks_override": args.ttft_pool_blocks}
+    rows = []
+    for tier in TIERS:
+        case = TierCase(tier, specs.get(tier), loaded, args, engine_kwargs)
+        try:
+            case.measure(512, rng)  # warm the whole path once: connections, threads, first files
+            for n in args.lengths:
+                runs = [case.measure(n, rng) for _ in range(args.reps)]
+                cold, hit = median([r["cold_s"] for r in runs]), median([r["hit_s"] for r in runs])
+                rows.append({"tier": tier, "prompt_tokens": n, "cold_s": cold, "hit_s": hit, "ratio": hit / cold,
+                             "target": TTFT_TARGETS[tier], "met": hit / cold <= TTFT_TARGETS[tier],
+                             "cached_tokens": runs[0]["cached_tokens"], "reps": args.reps,
+                             "tier_mb_out": runs[0]["tier_bytes_out"] / 1e6,
+                             "runs": runs})
+                print(f"  ttft {tier} {n}: cold {cold:.3f}s hit {hit:.3f}s ratio {hit / cold:.4f}", flush=True)
+        finally:
+            case.close()
+            del case
+            gc.collect()
+    return rows
+
+
+# -- 2. multi-turn chat ----------------------------------------------------
+
+_ids = itertools.count()
+
+
+def timed_request(llm: LLM, prompt: list[int], params: SamplingParams):
+    """One request alone: (TTFT, end-to-end time, its final output)."""
+    engine = llm.engine
+    rid = f"chat-{next(_ids)}"
+    t0 = time.perf_counter()
+    engine.add_request(rid, prompt, params)
+    ttft = None
+    while True:
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            if ttft is None and out.outputs[0].token_ids:
+                ttft = time.perf_counter() - t0
+            if out.finished:
+                return ttft, time.perf_counter() - t0, out
+        if not engine.has_unfinished_requests():
+            raise RuntimeError("engine went idle with the request unfinished")
+
+
+def run_chat(llm: LLM, args) -> dict:
+    rng = random.Random(1234)  # the same user turns for every configuration
+    users = [[random_prompt(args.user_tokens, rng) for _ in range(args.turns)] for _ in range(args.convs)]
+    history: list[list[int]] = [[] for _ in range(args.convs)]
+    params = SamplingParams(temperature=0, max_tokens=args.reply_tokens, ignore_eos=True)
+    ttfts, prompt_tokens, cached_tokens = [], 0, 0
+    before = llm.engine.stats().tiers
+    t0 = time.perf_counter()
+    for turn in range(args.turns):
+        for c in range(args.convs):
+            prompt = history[c] + users[c][turn]
+            ttft, _, out = timed_request(llm, prompt, params)
+            assert len(out.outputs[0].token_ids) == args.reply_tokens
+            history[c] = prompt + out.outputs[0].token_ids
+            ttfts.append(ttft)
+            prompt_tokens += len(prompt)
+            cached_tokens += out.num_cached_tokens
+    total = time.perf_counter() - t0
+    after = llm.engine.stats().tiers
+    return {"mean_ttft_s": sum(ttfts) / len(ttfts), "p90_ttft_s": percentile(ttfts, 90), "total_s": total,
+            "requests": len(ttfts), "prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens,
+            "cached_fraction": cached_tokens / prompt_tokens,
+            "tier_mb_out": {t: (after[t]["bytes_out"] - before.get(t, {}).get("bytes_out", 0)) / 1e6 for t in after},
+            "ttfts": ttfts}
+
+
+def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
+    working_set = args.convs * args.turns * (args.user_tokens + args.reply_tokens)
+    pool_blocks = -(-working_set // (16 * 4))  # a quarter of it, in 16-token device blocks
+    configs = {
+        "no connector": None,
+        "CPU offloading": offloading_config(args.chat_cpu_bytes, [], args.offload_block),
+        "CPU + fs": offloading_config(args.chat_cpu_bytes, [{"type": "fs", "path": fs_dir}], args.offload_block),
+    }
+    results = {}
+    for name, ktc in configs.items():
+        llm = make_llm(loaded, ktc, num_gpu_blocks_override=pool_blocks, block_size=16)
+        try:
+            results[name] = run_chat(llm, args)
+            r = results[name]
+            print(f"  chat {name}: mean {r['mean_ttft_s']:.3f}s p90 {r['p90_ttft_s']:.3f}s total {r['total_s']:.1f}s",
+                  flush=True)
+        finally:
+            close_llm(llm)
+            del llm
+            gc.collect()
+    setup = {"working_set_tokens": working_set, "pool_blocks": pool_blocks, "pool_tokens": pool_blocks * 16,
+             "cpu_tier_bytes": args.chat_cpu_bytes}
+    return results, setup
+
+
+# -- main ------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2048 tokens only, 1 rep; 8 conversations x 3 turns")
+    ap.add_argument("--reps", type=int, default=None, help="measurements per tier and length (median)")
+    ap.add_argument("--offload-block", type=int, default=None,
+                    help="kv_connector_extra_config.block_size, tokens (default: the connector's, 256)")
+    ap.add_argument("--skip-ttft", action="store_true")
+    ap.add_argument("--skip-chat", action="store_true")
+    args = ap.parse_args()
+    print("$ python -m benchmarks.bench_connectors " + " ".join(sys.argv[1:]), flush=True)
+    args.lengths = [2048] if args.quick else [2048, 4096]
+    args.reps = args.reps or (1 if args.quick else 2)
+    args.convs, args.turns = (8, 3) if args.quick else (16, 6)
+    args.user_tokens, args.reply_tokens = 150, 16
+    args.cpu_bytes = 1_000_000_000  # holds 84 offload blocks: everything part 1 stores per engine
+    args.chat_cpu_bytes = 2_000_000_000  # holds the whole chat working set
+    args.ttft_pool_blocks = 2 * (max(args.lengths) // 16) + 64
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} (1 min), torch threads {torch.get_num_threads()}", flush=True)
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    t_start = time.perf_counter()
+    loaded = load_model(None)
+
+    ttft, chat, chat_setup = [], {}, {}
+    scratch = tempfile.mkdtemp(prefix="kvtier-bench-")
+    try:
+        with ExitStack() as stack:
+            if not args.skip_ttft:
+                redis = stack.enter_context(servers.redis_server())
+                s3 = stack.enter_context(servers.s3_server())
+                specs = {"fs": {"type": "fs", "path": os.path.join(scratch, "ttft-fs")},
+                         "obj": s3.tier_spec(s3.create_bucket("kvtier-bench")),
+                         "redis": {"type": "redis", "url": redis.url}}
+                ttft = bench_ttft(loaded, specs, args, rng)
+        if not args.skip_chat:
+            chat, chat_setup = bench_chat(loaded, os.path.join(scratch, "chat-fs"), args)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    if ttft:
+        print_table(f"TTFT with the device prefix cache evicted, KV from a tier vs cold recompute "
+                    f"(seconds, median of {args.reps}; offload block {args.offload_block or 256} tokens)",
+                    ["tier", "prompt tokens", "cached tokens", "cold", "from tier", "tier/cold", "target", "met"],
+                    [[r["tier"], r["prompt_tokens"], r["cached_tokens"], r["cold_s"], r["hit_s"], r["ratio"],
+                      f"<= 1/{round(1 / r['target'])}", "yes" if r["met"] else "NO"] for r in ttft])
+    if chat:
+        base = chat["no connector"]["mean_ttft_s"]
+        print_table(f"Multi-turn chat: {args.convs} conversations x {args.turns} turns, round robin, one request "
+                    f"at a time ({args.user_tokens} user + {args.reply_tokens} reply tokens a turn; device pool "
+                    f"{chat_setup['pool_tokens']} tokens = 1/4 of the {chat_setup['working_set_tokens']}-token working set)",
+                    ["config", "mean TTFT (s)", "p90 TTFT (s)", "total (s)", "prompt tokens cached", "mean TTFT / no connector",
+                     "target", "met"],
+                    [[name, r["mean_ttft_s"], r["p90_ttft_s"], r["total_s"], f"{r['cached_fraction']:.1%}",
+                      r["mean_ttft_s"] / base,
+                      "" if name == "no connector" else f"<= 1/{round(1 / CHAT_TARGET)}",
+                      "" if name == "no connector" else ("yes" if r["mean_ttft_s"] / base <= CHAT_TARGET else "NO")]
+                     for name, r in chat.items()])
+    load_end = os.getloadavg()
+    elapsed = time.perf_counter() - t_start
+    print(f"\nload average at end: {load_end[0]:.2f} (1 min); wall time {elapsed:.0f} s")
+    for r in chat.values():
+        r["median_ttft_s"] = median(r.pop("ttfts"))
+    emit_json("bench_connectors", {
+        "args": {k: v for k, v in vars(args).items()},
+        "ttft": ttft,
+        "chat": chat, "chat_setup": chat_setup,
+        "chat_targets": {name: {"ratio": r["mean_ttft_s"] / chat["no connector"]["mean_ttft_s"], "target": CHAT_TARGET}
+                         for name, r in chat.items() if name != "no connector"} if chat else {},
+        "threads": torch.get_num_threads(), "loadavg_start": load_start[0], "loadavg_end": load_end[0],
+        "wall_s": elapsed})
+
+
+if __name__ == "__main__":
+    main()

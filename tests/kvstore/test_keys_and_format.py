@@ -1,0 +1,85 @@
+"""Keys that are safe everywhere, and the self-checking block format."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from kv_helpers import bit_equal
+
+from kvstore import layout_id, make_key
+from kvstore.block_format import BlockCodec, CorruptBlockError
+from kvstore.checksum import crc32c
+
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+@pytest.mark.parametrize("namespace, fingerprint, layout, block_hash", [
+    ("tenant-1", "llama-3-8b@abc", "float16-t256-g0", b"\x00\xff" * 16),
+    ("", ".", "..", "x"),
+    ("a/b", "../../etc", "c d\te\n", "é漢字"),
+    ("x" * 500, "y", "z", bytes(range(32))),
+])
+def test_keys_are_safe_paths_object_names_and_redis_keys(namespace, fingerprint, layout, block_hash):
+    key = make_key(namespace, fingerprint, layout, block_hash)
+    segments = key.split("/")
+    assert len(segments) == 4
+    assert all(SAFE_SEGMENT.match(segment) and len(segment) <= 120 for segment in segments)
+    assert key == make_key(namespace, fingerprint, layout, block_hash)
+
+
+def test_keys_tell_tenants_models_and_hashes_apart():
+    base = make_key("t1", "m1", "L", b"\x01")
+    assert base.endswith("/01")
+    assert len({base, make_key("t2", "m1", "L", b"\x01"), make_key("t1", "m2", "L", b"\x01"),
+                make_key("t1", "m1", "L", b"\x02")}) == 4
+    assert make_key("n" * 300, "m", "L", "h") != make_key("n" * 299 + "o", "m", "L", "h")
+
+
+def test_layout_id_names_dtype_block_group_and_shape():
+    assert layout_id(torch.float16, 256, 1, (30, 2, 256, 3, 64)) == "float16-t256-g1-30x2x256x3x64"
+    assert layout_id("bfloat16", 16, 0, (2,)) == "bfloat16-t16-g0-2"
+
+
+def test_crc32c_matches_the_standard_check_value():
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(memoryview(b"xx123456789")[2:]) == 0xE3069283
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_codec_round_trip(dtype):
+    codec = BlockCodec("m", dtype, (3, 5), num_tokens=5)
+    block = (torch.randn(3, 5) * 10).to(dtype)
+    blob = b"".join(bytes(memoryview(p)) for p in codec.encode("k", block))
+    assert len(blob) == codec.encoded_size("k")
+    assert bit_equal(codec.decode(blob, "k"), block)
+
+
+def _blob(codec, key="k", block=None):
+    block = torch.ones(codec.shape, dtype=codec.dtype) if block is None else block
+    return b"".join(bytes(memoryview(p)) for p in codec.encode(key, block))
+
+
+@pytest.mark.parametrize("make_bad, reason", [
+    (lambda blob: blob[:10], "truncated"),
+    (lambda blob: blob[:-1], "truncated"),
+    (lambda blob: blob + b"\x00", "truncated"),
+    (lambda blob: b"XXXX" + blob[4:], "magic"),
+    (lambda blob: blob[:4] + b"\x09\x00" + blob[6:], "version"),
+    (lambda blob: blob[:30] + bytes([blob[30] ^ 1]) + blob[31:], "header"),
+    (lambda blob: blob[:-1] + bytes([blob[-1] ^ 1]), "checksum"),
+    (lambda blob: _blob(BlockCodec("other-model", torch.float32, (3, 5))), "foreign"),
+    (lambda blob: _blob(BlockCodec("m", torch.float32, (3, 5), num_tokens=4)), "foreign"),
+    (lambda blob: _blob(BlockCodec("m", torch.float32, (3, 5)), key="k2"), "foreign"),
+    (lambda blob: _blob(BlockCodec("m", torch.float16, (3, 5))), "foreign"),
+])
+def test_codec_refuses_damaged_or_foreign_objects(make_bad, reason):
+    codec = BlockCodec("m", torch.float32, (3, 5))
+    with pytest.raises(CorruptBlockError) as caught:
+        codec.decode(make_bad(_blob(codec)), "k")
+    assert caught.value.reason == reason
+
+
+def test_codec_refuses_to_encode_a_block_of_another_shape():
+    with pytest.raises(ValueError):
+        BlockCodec("m", torch.float32, (3, 5)).encode("k", torch.ones(5, 3))

@@ -1,0 +1,85 @@
+"""Tier specs as users write them, and what only remote tiers do (TTL,
+bucket prefixes, capacity over a listed bucket)."""
+from __future__ import annotations
+
+import pytest
+import redis
+from kv_helpers import block_keys, random_blocks
+from pydantic import ValidationError
+
+from kvstore.tiers import parse_tier_spec
+
+
+def test_the_vllm_obj_json_is_understood():
+    spec = parse_tier_spec({"type": "obj", "bucket": "kv-cache", "endpoint_override": "minio:9000",
+                            "access_key": "ak", "secret_key": "sk", "scheme": "http"})
+    assert (spec.provider, spec.root, spec.endpoint_url) == ("s3", "kv-cache", "http://minio:9000")
+    assert "sk" not in repr(spec)  # secrets stay out of logs
+
+
+@pytest.mark.parametrize("fields, provider, root", [
+    ({"url": "gs://bucket/some/prefix/"}, "gcs", "bucket/some/prefix"),
+    ({"bucket": "gs://bucket"}, "gcs", "bucket"),
+    ({"url": "s3://bucket", "prefix": "/kv/"}, "s3", "bucket/kv"),
+    ({"bucket": "plain", "prefix": "p"}, "s3", "plain/p"),
+])
+def test_obj_picks_s3_or_gcs_by_scheme(fields, provider, root):
+    spec = parse_tier_spec({"type": "obj", **fields})
+    assert (spec.provider, spec.root) == (provider, root)
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"type": "obj", "url": "ftp://x"}, "obj"),
+    ({"type": "obj"}, "obj"),
+    ({"type": "obj", "bucket": "b", "scheme": "gopher"}, "obj.scheme"),
+    ({"type": "redis", "url": "http://x"}, "redis.url"),
+    ({"type": "redis", "ttl": 0}, "redis.ttl"),
+    ({"type": "fs", "path": "/a", "url": "file:///b"}, "fs"),
+    ({"type": "fs", "max_bytes": "lots"}, "fs.max_bytes"),
+    ({"type": "fs", "colour": "blue"}, "fs.colour"),
+    ({"type": "tape"}, "type"),
+])
+def test_a_bad_spec_raises_naming_the_field(spec, field):
+    with pytest.raises(ValidationError) as caught:
+        parse_tier_spec(spec)
+    assert field in str(caught.value)
+
+
+def test_redis_blocks_expire_after_their_ttl(make_tier, redis_srv):
+    tier = make_tier("redis", ttl=30)
+    keys = block_keys(2)
+    tier.put(keys, random_blocks(2))
+    client = redis.Redis.from_url(redis_srv.url)
+    ttls = [client.ttl(redis_key) for key in keys for redis_key in tier.backend._keys(key, 0)]
+    assert all(0 < ttl <= 30 for ttl in ttls)
+
+
+def test_redis_tier_accepts_tls_urls():
+    assert parse_tier_spec({"type": "redis", "url": "rediss://cache.example:6380/1"}).url.startswith("rediss://")
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_obj_objects_live_under_the_bucket_prefix(make_tier, spec_for, kind):
+    tier = make_tier(spec_for(kind, prefix="kv/v1"))
+    keys = block_keys(2)
+    tier.put(keys, random_blocks(2))
+    stored = sorted(name for name, _, _ in tier.backend.scan())
+    assert stored == sorted(keys)
+    assert tier.backend.root.endswith("/kv/v1")
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_bounded_obj_tier_evicts_and_rebuilds_from_the_bucket(make_tier, spec_for, kind):
+    probe = make_tier(spec_for(kind))
+    one_block = probe.codec.encoded_size(block_keys(1)[0])
+    spec = spec_for(kind, max_bytes=2 * one_block)
+    keys, blocks = block_keys(3), random_blocks(3)
+    first = make_tier(spec)
+    for i in range(3):
+        first.put(keys[i:i + 1], blocks[i:i + 1])
+    assert [first.exists([key]) for key in keys] == [0, 1, 1]
+    first.close()
+
+    second = make_tier(spec)
+    assert second.usage()["blocks"] == 2
+    assert second.exists(keys[1:]) == 2
