@@ -13,8 +13,10 @@ writes them down its tiers in the background.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -140,11 +142,16 @@ class OffloadingConnector(KVConnectorBase):
         self.can_load = config.kv_role in ("kv_both", "kv_consumer")
         self.can_save = config.kv_role in ("kv_both", "kv_producer")
         self._pending_loads: list[PendingLoad] = []
+        self._closed = False
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.lookup_tokens = 0
         self.hit_tokens = 0
+        # Finish queued stores before the interpreter tears down their threads;
+        # a weak reference, so that a dropped engine's memory can still go.
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() and ref().shutdown())
 
     # -- keys --------------------------------------------------------------
     def key(self, group: int, block_hashes: list[bytes], offload_index: int) -> str:
@@ -312,7 +319,9 @@ class OffloadingConnector(KVConnectorBase):
         return tier_stats(self.store.stats(), self.offload_tokens)
 
     def shutdown(self) -> None:
-        self.store.close()
+        if not self._closed:
+            self._closed = True
+            self.store.close()
 
 
 def tier_stats(store_stats: dict[str, dict], tokens_per_block: int) -> dict[str, dict[str, float]]:

@@ -62,6 +62,9 @@ class AsyncLLMEngine:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None, None))
 
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def stats(self) -> EngineStats:
         return self._stats
 
@@ -69,6 +72,7 @@ class AsyncLLMEngine:
         self._stop.set()
         self._commands.put(("wake", None, None, None))
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # -- the engine thread -------------------------------------------------
     def _apply(self, cmd) -> None:

@@ -275,6 +275,12 @@ class LLMEngine:
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached,
                              error=errors[0] if errors else None)
 
+    def shutdown(self) -> None:
+        """Stop the connector's background work (pending stores are flushed by it)."""
+        if self.connector is not None:
+            self.connector.shutdown()
+            self.connector = None
+
     # -- introspection -----------------------------------------------------
     def stats(self) -> EngineStats:
         kv = self.kv_cache_manager

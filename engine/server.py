@@ -310,6 +310,9 @@ async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutpu
             error = p.ErrorInfo(message=f"generation failed: {e}", type="internal_server_error")
             yield _sse(p.ErrorResponse(error=error))
         else:
+            if last.error:
+                error = p.ErrorInfo(message=last.error, type="internal_server_error", code="kv_load_failed")
+                yield _sse(p.ErrorResponse(error=error))
             if include_usage:
                 yield _sse(fmt.chunk(None, usage_of(last)), with_usage=True)
     yield "data: [DONE]\n\n"
@@ -365,6 +368,8 @@ class OpenAIServing:
         connected, final = await _unless_disconnected(raw, _last(results))
         if not connected:
             return Response(status_code=499)
+        if final.error:  # not the client's doing: a KV load failed under kv_load_failure_policy=fail
+            return error_response(APIError(500, final.error, type="internal_server_error", code="kv_load_failed"))
         return JSONResponse(fmt.response(tracker.update(final), usage_of(final)).model_dump())
 
 
@@ -380,7 +385,7 @@ def build_app(engine, served_model_names: list[str], api_key: str | None) -> Fas
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if engine.is_healthy() else 503)
 
     @app.get("/version")
     async def version() -> dict:

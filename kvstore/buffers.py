@@ -52,3 +52,17 @@ def copy_rows(dst, dst_rows: Sequence[int], src, src_rows: Sequence[int]) -> Non
     else:
         for d, s in zip(dst_rows, src_rows):
             np.copyto(dst[d], src[s])
+
+
+class ReadintoStream:
+    """A reader defined by readinto(view) -> int (0 at the end); read(n) follows."""
+
+    def readinto(self, view) -> int:
+        raise NotImplementedError
+
+    def read(self, n: int) -> bytes:
+        out = bytearray(n)
+        got = 0
+        while got < n and (step := self.readinto(memoryview(out)[got:])):
+            got += step
+        return bytes(out[:got])

@@ -1,5 +1,5 @@
 """Real servers for tests and benchmarks, on 127.0.0.1 and free ports:
-redis-server, moto's standalone S3 server, fake-gcs-server.
+redis-server, moto's standalone S3 server, fake-gcs-server, and kvtier serve itself.
 
 Each is a class with start()/stop() (stop then start again keeps the port,
 to test a server coming back) and a context manager function that yields a
@@ -18,6 +18,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from collections.abc import Iterator
 
 HOST = "127.0.0.1"
@@ -210,3 +211,52 @@ def s3_server() -> Iterator[MotoS3Server]:
 
 def gcs_server() -> Iterator[FakeGcsServer]:
     return _running(FakeGcsServer())
+
+
+class KvtierServer:
+    """A live `kvtier serve` process (python -m engine.cli, so no install is needed)."""
+
+    def __init__(self, *args: str, timeout: float = 180.0) -> None:
+        self.port = free_port()
+        self.args = args
+        self.timeout = timeout
+        self.url = f"http://{HOST}:{self.port}"
+        self._process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> "KvtierServer":
+        repo = Path(__file__).resolve().parents[1]
+        self._log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", HOST, "--port", str(self.port),
+               "--uvicorn-log-level", "warning", *self.args]
+        env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        self._process = subprocess.Popen(cmd, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                output = self.output()
+                self.stop()
+                raise RuntimeError(f"kvtier serve did not come up:\n{output[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self._process)
+        self._process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None

@@ -26,16 +26,28 @@ PROMPT = text(30, 7)            # ~500 tokens: 7 offload blocks of 64
 OTHER = [text(30, s) for s in (11, 13, 17)]
 
 
-def offloading(secondary: list[dict] | None = None, cpu_bytes: int = 400_000_000, **extra) -> dict:
+def offloading(secondary: list[dict] | None = None, cpu_bytes: int = 64_000_000, **extra) -> dict:
     cfg = {"cpu_bytes_to_use": cpu_bytes, "block_size": OFFLOAD_TOKENS, **extra}
     if secondary:
         cfg.update(spec_name="TieringOffloadingSpec", secondary_tiers=secondary)
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config": cfg}
 
 
+_engines: list[LLMEngine] = []
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_engines():
+    yield
+    while _engines:  # stops the store threads, which would otherwise keep every pool alive
+        _engines.pop().shutdown()
+
+
 def make_llm(loaded, ktc, **kw) -> LLM:
     kw.setdefault("num_gpu_blocks_override", 96)  # 1536 tokens: other traffic pushes a prompt out
-    return LLM.from_engine(LLMEngine(EngineConfig(kv_transfer_config=ktc, **kw), loaded=loaded))
+    engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, **kw), loaded=loaded)
+    _engines.append(engine)
+    return LLM.from_engine(engine)
 
 
 def settle(llm: LLM) -> None:
@@ -96,7 +108,7 @@ def test_secondary_tier_serves_a_fresh_replica(default_model, cold, kind, tmp_pa
     settle(first)
     name = next(t for t in first.engine.stats().tiers if t != "cpu")
     assert tier(first, name)["bytes_in"] > 0
-    first.engine.connector.shutdown()
+    first.engine.shutdown()
     # A second engine: empty device pool, empty CPU tier, the same secondary tier.
     second = make_llm(default_model, ktc)
     warm = run(second)
@@ -109,7 +121,6 @@ def test_secondary_tier_serves_a_fresh_replica(default_model, cold, kind, tmp_pa
     out_before = tier(second, name)["bytes_out"]
     assert run(second).outputs[0].token_ids == tokens
     assert tier(second, name)["bytes_out"] == out_before
-    second.engine.connector.shutdown()
 
 
 def test_multi_connector_loads_from_the_first_that_has_it(default_model, cold, tmp_path):

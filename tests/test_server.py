@@ -1,18 +1,11 @@
 """The OpenAI server end to end: a live `kvtier serve` process with the real
 engine, driven by the official openai client (and httpx for bad input)."""
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MODEL = "kvtier-test"  # served under two names: this and the model's own
 MAX_MODEL_LEN = 1024
@@ -20,46 +13,17 @@ PROMPT = "Hello, my name is"
 LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(40))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base_url():
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", API_KEY, "--served-model-name", MODEL, "SmolLM2-135M-Instruct",
-           "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "256",
-           "--uvicorn-log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    from servers import KvtierServer
+    server = KvtierServer("--api-key", API_KEY, "--served-model-name", MODEL, "SmolLM2-135M-Instruct",
+                          "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "256").start()
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"server did not come up:\n{log.read().decode(errors='replace')[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.seek(0)
-        output = log.read().decode(errors="replace")
-        log.close()
+        server.stop()
+        output = server.output()
+        server.close()
     # Every client mistake above must have been a 4xx, never a crash in a handler.
     assert "Traceback" not in output, output[-3000:]
 

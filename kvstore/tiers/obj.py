@@ -9,13 +9,14 @@ or a URL: {"type": "obj", "url": "gs://bucket/prefix"}.
 from __future__ import annotations
 
 import asyncio
-import io
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from fsspec.asyn import sync
 from pydantic import PositiveInt, SecretStr, model_validator
 
+from ..buffers import ReadintoStream
 from .blob import BlobBackend, BlobTier, Sink, info_mtime
 from .spec import TierContext, TierSpec
 
@@ -93,18 +94,58 @@ class ObjSpec(TierSpec):
         )
 
     def build(self, ctx: TierContext) -> BlobTier:
-        backend = ObjectStoreBackend(self.filesystem(), self.root, concurrency=self.concurrency, timeout_s=self.timeout_s)
+        fetch = fetch_s3_chunks if self.provider == "s3" else fetch_whole
+        backend = ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.concurrency,
+                                     timeout_s=self.timeout_s)
         policy = ctx.policy_factory(self.eviction_policy) if self.max_bytes else None
         return BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,
                         policy=policy, health=self.health())
 
 
+async def fetch_whole(fs, path: str) -> list[bytes]:
+    return [await fs._cat_file(path)]
+
+
+async def fetch_s3_chunks(fs, path: str) -> list[bytes]:
+    """The object's body as the chunks it arrived in: s3fs's cat joins them
+    first, one more copy of every block (and 30% slower, measured here)."""
+    bucket, key, _ = fs.split_path(path)
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        return [chunk async for chunk in body.iter_chunks(1 << 20)]
+    finally:
+        body.close()
+
+
+class ChunkReader(ReadintoStream):
+    """read / readinto over a list of buffers, without joining them."""
+
+    def __init__(self, chunks: list) -> None:
+        self._chunks = deque(memoryview(chunk).cast("B") for chunk in chunks if len(chunk))
+
+    def readinto(self, view) -> int:
+        if not self._chunks:
+            return 0
+        view = memoryview(view).cast("B")
+        head = self._chunks[0]
+        n = min(len(view), len(head))
+        view[:n] = head[:n]
+        if n == len(head):
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = head[n:]
+        return n
+
+
 class ObjectStoreBackend(BlobBackend):
     """Any fsspec async filesystem; every batch is one gather on its event loop."""
 
-    def __init__(self, fs, root: str, *, concurrency: int = 8, timeout_s: float = 5.0) -> None:
+    def __init__(self, fs, root: str, *, fetch: Callable = fetch_whole, concurrency: int = 8,
+                 timeout_s: float = 5.0) -> None:
         self.fs = fs
         self.root = root
+        self._fetch = fetch
         self.concurrency = concurrency
         self.timeout_s = timeout_s
 
@@ -132,7 +173,7 @@ class ObjectStoreBackend(BlobBackend):
         return [result if isinstance(result, Exception) else None for result in self._gather(calls)]
 
     def read(self, names: Sequence[str], sink: Sink) -> None:
-        results = self._gather([lambda p=self._path(name): self.fs._cat_file(p) for name in names])
+        results = self._gather([lambda p=self._path(name): self._fetch(self.fs, p) for name in names])
         failure = None
         for i, result in enumerate(results):
             if isinstance(result, FileNotFoundError):
@@ -140,7 +181,7 @@ class ObjectStoreBackend(BlobBackend):
             if isinstance(result, Exception):
                 failure = failure or result
                 continue
-            sink(i, io.BytesIO(result), len(result))
+            sink(i, ChunkReader(result), sum(len(chunk) for chunk in result))
         if failure is not None:
             raise failure
 

@@ -13,6 +13,8 @@ import socket
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from ..buffers import ReadintoStream
+
 _CHUNK = 1 << 16
 
 
@@ -84,7 +86,7 @@ class ReplyReader:
         return not self._buffer
 
 
-class ArrayStream:
+class ArrayStream(ReadintoStream):
     """The bulk strings of one array reply, read back to back as one stream
     that ends early at a nil element (a missing piece)."""
 
@@ -114,13 +116,6 @@ class ArrayStream:
 
     def readinto(self, view) -> int:
         return self._reader.readinto(view) if self._next() else 0
-
-    def read(self, n: int) -> bytes:
-        out = bytearray(n)
-        got = 0
-        while got < n and (step := self.readinto(memoryview(out)[got:])):
-            got += step
-        return bytes(out[:got])
 
     def present(self) -> bool:
         """Open the first element; False when it is nil (the whole object is absent)."""
