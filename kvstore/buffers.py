@@ -6,11 +6,30 @@ for numpy's single-threaded memcpy, measured here with a neighbour running).
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a large, long-lived buffer with transparent huge pages,
+    before its first touch. A pool on 4 KiB pages took 2-3x as long to fill
+    after sitting idle (the kernel's access tracking re-arms every page-table
+    entry; measured 5.5 against 2.3 ms for 24 MB); huge pages have 512x fewer."""
+    if not sys.platform.startswith("linux"):
+        return
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
 
 
 def byte_view(tensor: torch.Tensor) -> np.ndarray:

@@ -26,7 +26,7 @@ PROMPT = text(30, 7)            # ~500 tokens: 7 offload blocks of 64
 OTHER = [text(30, s) for s in (11, 13, 17)]
 
 
-def offloading(secondary: list[dict] | None = None, cpu_bytes: int = 64_000_000, **extra) -> dict:
+def offloading(secondary: list[dict] | None = None, cpu_bytes: int = 128_000_000, **extra) -> dict:
     cfg = {"cpu_bytes_to_use": cpu_bytes, "block_size": OFFLOAD_TOKENS, **extra}
     if secondary:
         cfg.update(spec_name="TieringOffloadingSpec", secondary_tiers=secondary)

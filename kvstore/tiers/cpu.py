@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..buffers import byte_rows, copy_rows, rows_of
+from ..buffers import advise_huge_pages, byte_rows, copy_rows, rows_of
 from .base import Health, Tier
 from .capacity import CapacityIndex
 
@@ -27,7 +27,10 @@ class CpuTier(Tier):
                  policy, health: Health | None = None) -> None:
         super().__init__(name, block_shape, dtype, health)
         self.num_slots = capacity_bytes // self.block_nbytes
-        self.pool = torch.empty((self.num_slots, *self.block_shape), dtype=dtype, pin_memory=torch.cuda.is_available())
+        pinned = torch.cuda.is_available()
+        self.pool = torch.empty((self.num_slots, *self.block_shape), dtype=dtype, pin_memory=pinned)
+        if not pinned:
+            advise_huge_pages(self.pool)
         self._rows = byte_rows(self.pool)
         self._rows.fill(0)  # first touch now, not on the first request
         self._free = list(range(self.num_slots))  # a heap: lowest slots first, so batches land in runs

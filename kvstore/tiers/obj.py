@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Literal
 
 from fsspec.asyn import sync
@@ -146,6 +148,7 @@ class ObjectStoreBackend(BlobBackend):
         self.fs = fs
         self.root = root
         self._fetch = fetch
+        self._decoders = ThreadPoolExecutor(2, thread_name_prefix="kv-obj-decode")
         self.concurrency = concurrency
         self.timeout_s = timeout_s
 
@@ -173,17 +176,18 @@ class ObjectStoreBackend(BlobBackend):
         return [result if isinstance(result, Exception) else None for result in self._gather(calls)]
 
     def read(self, names: Sequence[str], sink: Sink) -> None:
-        results = self._gather([lambda p=self._path(name): self._fetch(self.fs, p) for name in names])
-        failure = None
-        for i, result in enumerate(results):
-            if isinstance(result, FileNotFoundError):
-                continue
+        async def read_one(i: int) -> None:
+            try:
+                chunks = await self._fetch(self.fs, self._path(names[i]))
+            except FileNotFoundError:
+                return
+            # Verify and copy off the event loop, while the other bodies still arrive.
+            size = sum(len(chunk) for chunk in chunks)
+            await asyncio.get_running_loop().run_in_executor(self._decoders, sink, i, ChunkReader(chunks), size)
+
+        for result in self._gather([partial(read_one, i) for i in range(len(names))]):
             if isinstance(result, Exception):
-                failure = failure or result
-                continue
-            sink(i, ChunkReader(result), sum(len(chunk) for chunk in result))
-        if failure is not None:
-            raise failure
+                raise result
 
     def exists(self, names: Sequence[str]) -> int:
         # One wave at a time: a prefix usually ends early, no need to ask for all.
@@ -205,6 +209,9 @@ class ObjectStoreBackend(BlobBackend):
                 sync(self.fs.loop, self.fs._rm, [self._path(name) for name in names], timeout=self.timeout_s)
             except FileNotFoundError:
                 pass
+
+    def close(self) -> None:
+        self._decoders.shutdown(wait=True)
 
     def scan(self) -> Iterable[tuple[str, int, float]]:
         found = sync(self.fs.loop, self.fs._find, self.root, detail=True, timeout=self.timeout_s * 10)
