@@ -101,3 +101,30 @@ def test_sliding_groups_hold_only_the_window(tiny_model):
         else:
             assert peak[g] == total_blocks
     assert engine.kv_cache_manager.pool.num_free_blocks == engine.num_blocks - 1
+
+
+def test_offloading_stores_and_loads_only_what_each_group_needs(tiny_model):
+    kind, loaded, prompts, reference = tiny_model
+    ktc = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+           "kv_connector_extra_config": {"cpu_bytes_to_use": 64_000_000, "block_size": 32}}
+    llm, sp = run(loaded, prompts, kv_transfer_config=ktc, max_num_batched_tokens=48)
+    assert ids(llm.generate(prompts, sp, use_tqdm=False)) == reference
+    connector = llm.engine.connector
+    assert connector.store.flush(60)
+    assert llm.engine.kv_cache_manager.pool.reset_prefix_cache()
+    second = llm.generate(prompts, sp, use_tqdm=False)
+    assert ids(second) == reference
+    for p, out in zip(prompts, second):
+        assert out.num_cached_tokens == (len(p) - 1) // 32 * 32
+    # A sliding group only loads the offload blocks its window reaches at the hit boundary.
+    block_bytes = torch.Size(connector.block_shape).numel() * 4
+    expected = 0
+    for p in prompts:
+        hit = (len(p) - 1) // 32
+        for g in llm.engine.groups:
+            needed = connector._needed_offload_blocks(g.index, 0, hit)
+            if type(g.spec).__name__ == "SlidingWindowSpec":
+                assert len(needed) == min(hit, 1)  # a 32-token window lies in the last 32-token block
+            expected += len(needed) * block_bytes
+    assert connector.stats()["cpu"]["bytes_out"] == expected
+    llm.engine.shutdown()

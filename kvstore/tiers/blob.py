@@ -63,17 +63,20 @@ class BlobBackend(ABC):
         pass
 
 
-class _InOrder(Sequence):
-    """A list of futures that reads as the list of their results."""
+class _Encoded(Sequence):
+    """The encoded blocks of a batch, each made when first asked for: on the
+    encoder threads ahead of the writer when there are some, else by the writer."""
 
-    def __init__(self, futures: list) -> None:
-        self._futures = futures
+    def __init__(self, encode, items: list, pool: ThreadPoolExecutor | None) -> None:
+        self._encode = encode
+        self._items = items
+        self._futures = [pool.submit(encode, *item) for item in items] if pool else None
 
     def __len__(self) -> int:
-        return len(self._futures)
+        return len(self._items)
 
     def __getitem__(self, i):
-        return self._futures[i].result()
+        return self._futures[i].result() if self._futures else self._encode(*self._items[i])
 
 
 class BlobTier(Tier):
@@ -85,8 +88,9 @@ class BlobTier(Tier):
         self.backend = backend
         self.codec = codec
         self._lock = threading.Lock()
-        # Checksums release the GIL: encode a batch on a few threads.
-        self._encoders = ThreadPoolExecutor(encode_threads, thread_name_prefix=f"kv-{name}-encode")
+        # Checksums release the GIL: with spare cores, encode a batch on a few threads.
+        self._encoders = (ThreadPoolExecutor(encode_threads, thread_name_prefix=f"kv-{name}-encode")
+                          if encode_threads > 1 else None)
         self._index: CapacityIndex | None = None
         if indexed or capacity_bytes is not None:
             if policy is None:
@@ -154,9 +158,7 @@ class BlobTier(Tier):
             return written
         try:
             self._evict(victims)
-            # Encoding (the checksum) runs ahead on its own threads while the
-            # backend writes the blocks already encoded.
-            encoded = _InOrder([self._encoders.submit(self.codec.encode, keys[i], tensors[i]) for i in chosen])
+            encoded = _Encoded(self.codec.encode, [(keys[i], tensors[i]) for i in chosen], self._encoders)
             errors = self.backend.write([keys[i] for i in chosen], encoded)
         except BaseException:
             self._settle([keys[i] for i in chosen], [True] * len(chosen))
@@ -192,7 +194,8 @@ class BlobTier(Tier):
             }
 
     def close(self) -> None:
-        self._encoders.shutdown(wait=True)
+        if self._encoders:
+            self._encoders.shutdown(wait=True)
         self.backend.close()
 
     # -- bookkeeping -------------------------------------------------------

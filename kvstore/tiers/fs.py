@@ -58,13 +58,17 @@ class FsBackend(BlobBackend):
         self.fsync = fsync
         self.fs.makedirs(self.root, exist_ok=True)
         self._made_dirs: set[str] = {self.root}
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kv-fs-io")
+        # One thread: files are read and written on the caller's thread, no hand-offs.
+        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kv-fs-io") if io_threads > 1 else None
+
+    def _map(self, function, *iterables) -> list:
+        return list(self._pool.map(function, *iterables) if self._pool else map(function, *iterables))
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{name}{SUFFIX}"
 
     def write(self, names: Sequence[str], parts: Sequence[list]) -> list[Exception | None]:
-        return list(self._pool.map(self._write_one, names, parts))
+        return self._map(self._write_one, names, parts)
 
     def _write_one(self, name: str, parts: list) -> Exception | None:
         path = self._path(name)
@@ -108,8 +112,7 @@ class FsBackend(BlobBackend):
                 f.seek(0)
                 sink(i, f, size)
 
-        for _ in self._pool.map(read_one, range(len(names))):
-            pass
+        self._map(read_one, range(len(names)))
 
     def exists(self, names: Sequence[str]) -> int:
         for n, name in enumerate(names):
@@ -140,4 +143,5 @@ class FsBackend(BlobBackend):
                 yield path[len(self.root) + 1:-len(SUFFIX)], int(info["size"]), mtime
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool:
+            self._pool.shutdown(wait=True)
