@@ -4,8 +4,9 @@ same weights run as all-full attention.
     python -m benchmarks.bench_hybrid [--quick]
 
 A tiny random Qwen2 (6 layers: 5 sliding_attention + 1 full_attention, Gemma 3's
-5:1, window 1024; 2 heads of 32, 1 KV head) is saved with transformers and loaded by kvtier twice: as is,
-and with every layer declared full attention. For each layout:
+5:1, window 1024; 2 heads of 32, 1 KV head) is saved with transformers and loaded
+by kvtier twice: as is, and with every layer declared full attention. For each
+layout:
 
 1. KV bytes one 8192-token request holds, stepped by hand through chunked
    prefill and a few decodes (peak, end of prefill, decode), against the theory
@@ -224,8 +225,8 @@ def main() -> None:
                  conc_h["wall_s"] / conc_f["wall_s"]])
     print_table(f"{n_requests} concurrent {context}-token requests, {conc_max_tokens} output tokens each, "
                 f"same pool bytes (= {pool_requests} all-full requests)",
-                ["layout", "pool MiB", "pages", "page KiB", "requests", "fit (pool / decode KV)", "peak running", "preemptions",
-                 "prefill tokens computed", "peak pool usage", "steps", "wall s"], rows)
+                ["layout", "pool MiB", "pages", "page KiB", "requests", "fit (pool / decode KV)", "peak running",
+                 "preemptions", "prefill tokens computed", "peak pool usage", "steps", "wall s"], rows)
 
     # -- sanity ------------------------------------------------------------
     checks = [

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 class PrefillSeq:
     q_start: int
     q_end: int
-    seq_len: int
+    seq_len: int                       # keys to attend over, from the table's first block on
     block_table: torch.Tensor          # [num_blocks_needed] long
     mask: torch.Tensor | None          # [q_len, seq_len] bool; None: causal from 0 (or a lone decode)
 

@@ -33,7 +33,9 @@ class ModelRunner:
             for slot, layer in enumerate(g.layers):
                 self.layer_slots[layer] = (g.index, slot)
 
-    def _group_attention(self, group: KVCacheGroup, sched: SchedulerOutput, positions: torch.Tensor) -> GroupAttention:
+    def _group_attention(self, group: KVCacheGroup, sched: SchedulerOutput, positions: torch.Tensor,
+                         masks: dict) -> GroupAttention:
+        """`masks` is shared by the step's groups: groups with the same window need the same masks."""
         bs = self.block_size
         window = group.spec.window if isinstance(group.spec, SlidingWindowSpec) else None
         tables = [self.kv.block_ids(s.request.request_id)[group.index] for s in sched.scheduled]
@@ -50,35 +52,44 @@ class ModelRunner:
         # Two or more decodes run as one padded batch; a lone decode takes the
         # per-sequence path, which needs no padding mask.
         batch_decodes = sum(1 for s in sched.scheduled if s.num_new_tokens == 1) >= 2
-        decode_rows, decode_tables, decode_lens = [], [], []
+        decode_rows, decode_tables, decode_firsts, decode_lens = [], [], [], []
         q_start = 0
-        for s, table in zip(sched.scheduled, tables):
+        for i, (s, table) in enumerate(zip(sched.scheduled, tables)):
             c, n = s.request.num_computed_tokens, s.num_new_tokens
             seq_len = c + n
             nblk = -(-seq_len // bs)
+            # A sliding window reads only from the first block its earliest query can see.
+            first = max(0, c - window + 1) // bs if window is not None else 0
             if n == 1 and batch_decodes:
                 decode_rows.append(q_start)
-                decode_tables.append(table[:nblk])
+                decode_tables.append(table[first:nblk])
+                decode_firsts.append(first * bs)
                 decode_lens.append(seq_len)
             else:
                 mask = None
                 if (c > 0 and n > 1) or (window is not None and seq_len > window):
-                    q_pos = torch.arange(c, seq_len, device=self.device)
-                    mask = window_mask(q_pos, torch.arange(seq_len, device=self.device), window)
-                bt = torch.tensor(table[:nblk], dtype=torch.long, device=self.device)
-                meta.prefills.append(PrefillSeq(q_start, q_start + n, seq_len, bt, mask))
+                    if (window, i) not in masks:
+                        q_pos = torch.arange(c, seq_len, device=self.device)
+                        k_pos = torch.arange(first * bs, seq_len, device=self.device)
+                        masks[(window, i)] = window_mask(q_pos, k_pos, window)
+                    mask = masks[(window, i)]
+                bt = torch.tensor(table[first:nblk], dtype=torch.long, device=self.device)
+                meta.prefills.append(PrefillSeq(q_start, q_start + n, seq_len - first * bs, bt, mask))
             q_start += n
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             meta.decode_tokens = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
-            q_pos = torch.tensor(decode_lens, device=self.device)[:, None] - 1
-            k_pos = torch.arange(width * bs, device=self.device)[None, :]
-            valid = k_pos <= q_pos
-            if window is not None:
-                valid &= q_pos - k_pos < window
-            meta.decode_mask = valid[:, None, None, :]
+            if (window, "decode") not in masks:
+                q_pos = torch.tensor(decode_lens, device=self.device)[:, None] - 1
+                k_pos = (torch.tensor(decode_firsts, device=self.device)[:, None]
+                         + torch.arange(width * bs, device=self.device)[None, :])
+                valid = k_pos <= q_pos
+                if window is not None:
+                    valid &= q_pos - k_pos < window
+                masks[(window, "decode")] = valid[:, None, None, :]
+            meta.decode_mask = masks[(window, "decode")]
         return meta
 
     def _fused_metadata(self, meta: GroupAttention, sched: SchedulerOutput, tables: list[list[int]]) -> GroupAttention:
@@ -106,7 +117,8 @@ class ModelRunner:
                 sampled_reqs.append(r)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)
-        metas = [self._group_attention(g, sched, positions) for g in self.groups]
+        masks: dict = {}
+        metas = [self._group_attention(g, sched, positions, masks) for g in self.groups]
         rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
         logits = self.model.forward(input_ids, positions, self.kv_cache, self.layer_slots, metas, rows)
         if not sampled_reqs:
