@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="measurements per tier and length (median)")
     ap.add_argument("--offload-block", type=int, default=None,
                     help="kv_connector_extra_config.block_size, tokens (default: the connector's, 256)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's, one per core). On a machine shared with other busy "
+                         "processes, 1 avoids OpenMP oversubscription stalls that make 2-thread timings erratic")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-chat", action="store_true")
     args = ap.parse_args()
@@ -286,6 +289,8 @@ def main() -> None:
     args.cpu_bytes = 1_000_000_000  # holds 84 offload blocks: everything part 1 stores per engine
     args.chat_cpu_bytes = 1_500_000_000  # holds the whole chat working set (~0.75 GB)
     args.ttft_pool_blocks = 2 * (max(args.lengths) // 16) + 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} (1 min), torch threads {torch.get_num_threads()}", flush=True)
     torch.manual_seed(0)

@@ -11,7 +11,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 # torch first, pinned: an open range with no torch present pulls a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+# Versions known to resolve together: pip's resolver otherwise backtracks for
+# many minutes over the boto3/botocore/aiobotocore/s3fs pins.
+python -m pip install -q -c tests/constraints.txt -e '.[test]'
 # The Triton kernel is checked under TRITON_INTERPRET=1; its tests skip (with the
 # reason) only if triton cannot be installed here.
 python -m pip install -q 'triton>=3.0' || echo "triton could not be installed: its tests will be skipped"
