@@ -152,11 +152,12 @@ def bench_ttft(loaded, specs: dict, args, rng: random.Random) -> list[dict]:
         try:
             case.measure(512, rng)  # warm the whole path once: connections, threads, first files
             for n in args.lengths:
-                runs = [case.measure(n, rng) for _ in range(args.reps)]
+                reps = args.reps or (2 if n <= 2048 and not args.quick else 1)
+                runs = [case.measure(n, rng) for _ in range(reps)]
                 cold, hit = median([r["cold_s"] for r in runs]), median([r["hit_s"] for r in runs])
                 rows.append({"tier": tier, "prompt_tokens": n, "cold_s": cold, "hit_s": hit, "ratio": hit / cold,
                              "target": TTFT_TARGETS[tier], "met": hit / cold <= TTFT_TARGETS[tier],
-                             "cached_tokens": runs[0]["cached_tokens"], "reps": args.reps,
+                             "cached_tokens": runs[0]["cached_tokens"], "reps": reps,
                              "tier_mb_out": runs[0]["tier_bytes_out"] / 1e6,
                              "runs": runs})
                 print(f"  ttft {tier} {n}: cold {cold:.3f}s hit {hit:.3f}s ratio {hit / cold:.4f}", flush=True)
@@ -272,7 +273,8 @@ def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2048 tokens only, 1 rep; 8 conversations x 3 turns")
-    ap.add_argument("--reps", type=int, default=None, help="measurements per tier and length (median)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="measurements per tier and length, median taken (default: 2 at 2048 tokens, 1 at 4096)")
     ap.add_argument("--offload-block", type=int, default=None,
                     help="kv_connector_extra_config.block_size, tokens (default: the connector's, 256)")
     ap.add_argument("--threads", type=int, default=None,
@@ -283,7 +285,6 @@ def main() -> None:
     args = ap.parse_args()
     print("$ python -m benchmarks.bench_connectors " + " ".join(sys.argv[1:]), flush=True)
     args.lengths = [2048] if args.quick else [2048, 4096]
-    args.reps = args.reps or (1 if args.quick else 2)
     args.convs, args.turns = (8, 3) if args.quick else (16, 6)
     args.user_tokens, args.reply_tokens = 150, 16
     args.cpu_bytes = 1_000_000_000  # holds 84 offload blocks: everything part 1 stores per engine
@@ -316,9 +317,10 @@ def main() -> None:
 
     if ttft:
         print_table(f"TTFT with the device prefix cache evicted, KV from a tier vs cold recompute "
-                    f"(seconds, median of {args.reps}; offload block {args.offload_block or 256} tokens)",
-                    ["tier", "prompt tokens", "cached tokens", "cold", "from tier", "tier/cold", "target", "met"],
-                    [[r["tier"], r["prompt_tokens"], r["cached_tokens"], r["cold_s"], r["hit_s"], r["ratio"],
+                    f"(seconds; offload block {args.offload_block or 256} tokens; torch threads {torch.get_num_threads()})",
+                    ["tier", "prompt tokens", "reps (median)", "cached tokens", "cold", "from tier", "tier/cold",
+                     "target", "met"],
+                    [[r["tier"], r["prompt_tokens"], r["reps"], r["cached_tokens"], r["cold_s"], r["hit_s"], r["ratio"],
                       f"<= 1/{round(1 / r['target'])}", "yes" if r["met"] else "NO"] for r in ttft])
     if chat:
         base = chat["no connector"]["mean_ttft_s"]

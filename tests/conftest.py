@@ -21,14 +21,6 @@ def hf_reference(default_model):
     return AutoModelForCausalLM.from_pretrained(**default_model.hf_reference, dtype=torch.float32).eval()
 
 
-def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
-    with torch.inference_mode():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=hf_model.config.eos_token_id)
-    return out[0, len(prompt_ids):].tolist()
-
-
 # Real servers (redis-server, moto's S3, fake-gcs-server) on 127.0.0.1, one each per session.
 @pytest.fixture(scope="session")
 def redis_srv():

@@ -74,7 +74,8 @@ class Tier(ABC):
     """Blocks of one shape and dtype under string keys.
 
     get(keys, out) fills out[i] (tensors of the block shape) for every hit and
-    returns, per key, that tensor or None; without `out` it allocates.
+    returns, per key, that tensor or None (out[i] of a miss may have been
+    written to, e.g. by a corrupt object); without `out` it allocates.
     put returns how many blocks were written. `on_evict`, when set, receives
     evicted blocks before they are gone (write-back).
     """
