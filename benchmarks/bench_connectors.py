@@ -14,7 +14,11 @@
             same directory / bucket / Redis: a replica, or a restart) runs it.
    Every hit is checked: num_cached_tokens covers all but the last offload
    block, the tier's bytes_out grew by the blocks served and, for a secondary
-   tier, the CPU tier served nothing.
+   tier, the CPU tier served nothing. The connector never loads the offload
+   block holding the last prompt token, so with the default 256-token block a
+   hit still recomputes 256 tokens; --offload-block 16 shows the tiers without
+   that floor. A 4096-token cold run prefills in two 2048-token steps: the first
+   step's blocks are written to the secondary tier while the second computes.
 2. A multi-turn chat: 16 conversations x 6 turns; a turn is 150 new user tokens
    (random ids) appended to the history, then a 16-token greedy reply
    (ignore_eos, so every configuration sees the same token counts) that joins
@@ -32,7 +36,10 @@
 
 The servers (redis-server, moto) come from tests/servers.py and are started
 and stopped here. Timings on a 2-core machine are sensitive to anything else
-running: the load average at start and end is printed with the results.
+running: the load average at start and end is printed with the results. With
+another busy process on the machine, torch's 2 OpenMP threads stall (a
+150-token prefill measured 1.4-8 s against 0.5 s on 1 thread): run with
+--threads 1 then.
 """
 from __future__ import annotations
 

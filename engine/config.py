@@ -23,7 +23,7 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     # On the CPU there is no device memory to take a fraction of: the pool is
     # capped at this many bytes of host memory (times gpu_memory_utilization).
-    cpu_kv_cache_bytes: int = Field(4 << 30, ge=1 << 20)
+    cpu_kv_cache_bytes: int = Field(2 << 30, ge=1 << 20)
     enable_prefix_caching: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kv_transfer_config: Any = None  # connectors.config.KVTransferConfig

@@ -279,7 +279,7 @@ class LLMEngine:
         """Stop the connector's background work (pending stores are flushed by it)."""
         if self.connector is not None:
             self.connector.shutdown()
-            self.connector = None
+            self.connector = self.model.connector = self.scheduler.connector = None
 
     # -- introspection -----------------------------------------------------
     def stats(self) -> EngineStats:

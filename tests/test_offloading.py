@@ -89,14 +89,20 @@ def test_cpu_tier_after_other_traffic_evicts_the_device_pool(default_model, cold
     assert llm.engine.kv_cache_manager.num_hits >= expected_hit(n)
 
 
+# The suite shares two cores with emulators written in Python and Go: a generous
+# per-call timeout keeps a slow moment from reading as a tier failure.
+SLOW_MACHINE = {"timeout_s": 60.0}
+
+
 def secondary_spec(kind: str, tmp_path: Path, request) -> dict:
     unique = uuid.uuid4().hex[:8]
     if kind == "fs":
         return {"type": "fs", "path": str(tmp_path / f"fs-{unique}")}
     if kind == "redis":
-        return {"type": "redis", "url": request.getfixturevalue("redis_srv").url, "key_prefix": f"c{unique}:"}
+        return {"type": "redis", "url": request.getfixturevalue("redis_srv").url, "key_prefix": f"c{unique}:",
+                **SLOW_MACHINE}
     server = request.getfixturevalue(f"{kind}_srv")
-    return server.tier_spec(server.create_bucket(f"kv-{unique}"))
+    return server.tier_spec(server.create_bucket(f"kv-{unique}"), **SLOW_MACHINE)
 
 
 @pytest.mark.parametrize("kind", ["fs", "s3", "gcs", "redis"])
@@ -229,3 +235,32 @@ def test_preempted_requests_come_back_from_the_cpu_tier(default_model):
     assert got == reference
     assert llm.engine.stats().num_preemptions_total > 0
     assert tier(llm, "cpu")["bytes_out"] > 0  # victims were restored, not only recomputed
+
+
+VLLM_RELEASE_NOTE_CONFIG = (
+    '{"kv_connector":"OffloadingConnector","kv_role":"kv_both","kv_connector_extra_config":'
+    '{"spec_name":"TieringOffloadingSpec","cpu_bytes_to_use":10000000000,"secondary_tiers":[{"type":"obj",'
+    '"bucket":"your-bucket","endpoint_override":"your-s3-endpoint:9000","access_key":"YOUR_ACCESS_KEY",'
+    '"secret_key":"YOUR_SECRET_KEY","scheme":"http"}]}}')
+
+
+def test_the_vllm_release_note_config_works_unchanged(default_model, cold, s3_srv):
+    """Only the placeholders change: bucket, endpoint and keys of the S3 server."""
+    import gc
+    tokens, n = cold
+    bucket = s3_srv.create_bucket(f"release-{uuid.uuid4().hex[:8]}")
+    ktc = (VLLM_RELEASE_NOTE_CONFIG.replace("your-bucket", bucket)
+           .replace("your-s3-endpoint:9000", f"127.0.0.1:{s3_srv.port}")
+           .replace("YOUR_ACCESS_KEY", s3_srv.access_key).replace("YOUR_SECRET_KEY", s3_srv.secret_key))
+    first = make_llm(default_model, ktc)  # a JSON string, as on the command line
+    assert run(first).outputs[0].token_ids == tokens
+    settle(first)
+    assert tier(first, "obj")["bytes_in"] > 0
+    first.engine.shutdown()
+    del first
+    gc.collect()  # the 10 GB CPU tier goes before the next one is made
+    second = make_llm(default_model, ktc)
+    warm = run(second)
+    # No block_size in this config: offload blocks of the default 256 tokens.
+    assert warm.outputs[0].token_ids == tokens and warm.num_cached_tokens == (n - 1) // 256 * 256 > 0
+    assert tier(second, "obj")["bytes_out"] > 0
