@@ -94,8 +94,7 @@ def make_llm(loaded, ktc: dict | None, **engine_kwargs) -> LLM:
 
 
 def close_llm(llm: LLM) -> None:
-    if llm.engine.connector is not None:
-        llm.engine.connector.shutdown()  # finishes queued stores, closes connections
+    llm.engine.shutdown()  # the connector finishes queued stores and closes its connections
 
 
 def flush(llm: LLM) -> None:

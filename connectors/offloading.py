@@ -158,12 +158,13 @@ class OffloadingConnector(KVConnectorBase):
         last = block_hashes[(offload_index + 1) * self.blocks_per_offload - 1]
         return make_key(self.cfg.namespace, self.layout.model_fingerprint, self.layout_ids[group], last)
 
-    def _needed_offload_blocks(self, group_index: int, start: int, end: int) -> range:
-        """Offload blocks of a group that a hit ending at offload block `end` needs."""
+    def _needed_offload_blocks(self, group_index: int, start: int, end: int, boundary: int) -> range:
+        """Offload blocks of a group that a hit of blocks start..end-1 needs, when
+        `boundary` is the first token computed after it."""
         window = self.layout.groups[group_index].sliding_window
         if window is None:
             return range(start, end)
-        first_token = max(0, end * self.offload_tokens - window + 1)
+        first_token = max(0, boundary - window + 1)
         return range(max(start, first_token // self.offload_tokens), end)
 
     def _decision(self, request: ConnectorRequest) -> RequestDecision:
@@ -180,7 +181,10 @@ class OffloadingConnector(KVConnectorBase):
     def get_num_new_matched_tokens(self, request: ConnectorRequest, num_computed_tokens: int) -> tuple[int, bool]:
         decision = self._decision(request)
         hashes = request.block_hashes
-        n_max = (request.num_prompt_tokens - 1) // self.offload_tokens
+        # Every whole offload block of the prompt may hit, the one holding the last
+        # prompt token too: the scheduler then recomputes only that token.
+        n_prompt = request.num_prompt_tokens
+        n_max = n_prompt // self.offload_tokens
         start = num_computed_tokens // self.offload_tokens
         self.saved_upto[request.request_id] = max(start, self.saved_upto.get(request.request_id, 0))
         if not self.can_load or n_max <= start:
@@ -195,18 +199,20 @@ class OffloadingConnector(KVConnectorBase):
                 keys = [self.key(g.index, hashes, j) for j in range(start, hit)]
                 hit = start + self.store.lookup(keys, tiers)
         while hit > start:
-            if all(self._group_has(g.index, hashes, start, hit, tiers)
+            if all(self._group_has(g.index, hashes, start, hit, min(hit * self.offload_tokens, n_prompt - 1), tiers)
                    for g in self.layout.groups if g.sliding_window is not None):
                 break
             hit -= 1
         if hit <= start:
             return 0, False
-        tokens = hit * self.offload_tokens - num_computed_tokens
+        tokens = min(hit * self.offload_tokens, n_prompt - 1) - num_computed_tokens
+        if tokens <= 0:
+            return 0, False
         self.hit_tokens += tokens
         return tokens, True
 
-    def _group_has(self, group: int, hashes: list[bytes], start: int, end: int, tiers) -> bool:
-        needed = self._needed_offload_blocks(group, start, end)
+    def _group_has(self, group: int, hashes: list[bytes], start: int, end: int, boundary: int, tiers) -> bool:
+        needed = self._needed_offload_blocks(group, start, end, boundary)
         keys = [self.key(group, hashes, j) for j in needed]
         return self.store.lookup(keys, tiers) == len(keys)
 
@@ -216,14 +222,15 @@ class OffloadingConnector(KVConnectorBase):
             return
         computed = request.num_computed_tokens
         start = computed // self.offload_tokens
-        end = (computed + num_external_tokens) // self.offload_tokens
+        boundary = computed + num_external_tokens
+        end = -(-boundary // self.offload_tokens)  # the last block may hold tokens still to compute
         load = PendingLoad(request.request_id)
         first_new_block = computed // self.layout.block_size  # device-hit blocks are in place already
         for g in self.layout.groups:
             table = block_ids[g.index]
-            for j in self._needed_offload_blocks(g.index, start, end):
+            for j in self._needed_offload_blocks(g.index, start, end, boundary):
                 rows = [r for r in range(self.blocks_per_offload)
-                        if j * self.blocks_per_offload + r >= first_new_block]
+                        if first_new_block <= j * self.blocks_per_offload + r < len(table)]
                 load.keys.append(self.key(g.index, request.block_hashes, j))
                 load.dst_blocks.append([table[j * self.blocks_per_offload + r] for r in rows])
                 load.src_rows.append(rows)

@@ -153,7 +153,7 @@ class Tier(ABC):
         except Exception as error:  # a tier failure is a miss, never the caller's problem
             self.health.failed(error)
             self.stats.add(errors=1)
-            logger.warning("tier %s: %s failed: %s", self.name, operation.__name__, error)
+            logger.warning("tier %s: %s failed: %r", self.name, operation.__name__, error)
             return default
         self.health.succeeded()
         return result
