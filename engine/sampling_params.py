@@ -1,7 +1,7 @@
 """Per-request sampling parameters (vLLM-shaped)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SamplingParams(BaseModel):
@@ -34,10 +34,6 @@ class SamplingParams(BaseModel):
         if v < -1:
             raise ValueError("top_k must be -1 (disabled) or >= 0")
         return v
-
-    @model_validator(mode="after")
-    def _greedy_default(self):
-        return self
 
     @property
     def greedy(self) -> bool:
