@@ -19,10 +19,16 @@
    hit still recomputes 256 tokens; --offload-block 16 shows the tiers without
    that floor. A 4096-token cold run prefills in two 2048-token steps: the first
    step's blocks are written to the secondary tier while the second computes.
-2. A multi-turn chat: 16 conversations x 6 turns; a turn is 150 new user tokens
-   (random ids) appended to the history, then a 16-token greedy reply
-   (ignore_eos, so every configuration sees the same token counts) that joins
-   the history. Turns go round robin (conversation 0..15 of turn 1, then of
+2. A multi-turn chat over a document: 16 conversations x 6 turns. Each
+   conversation opens with its own 1024-token document (a system prompt plus a
+   retrieved document); a turn is 64 new user tokens (random ids) appended to
+   the history, then a 32-token greedy reply (ignore_eos, so every
+   configuration sees the same token counts) that joins the history. Offload
+   blocks are 64 tokens here (--chat-offload-block): a turn recomputes its user
+   tokens plus what follows the history's last whole offload block. The
+   earlier shape, 150 user + 16 reply tokens and no document, is
+   --doc-tokens 0 --user-tokens 150 --reply-tokens 16: there a turn's new
+   tokens are a third of its prompt on average, so TTFT can fall by ~3x at most. Turns go round robin (conversation 0..15 of turn 1, then of
    turn 2, ...), one request at a time: each request's TTFT is the time from
    add_request to the engine step that returned its first token (the engine is
    stepped here, as LLM.generate does; RequestOutput.metrics is not filled by
@@ -201,10 +207,10 @@ def timed_request(llm: LLM, prompt: list[int], params: SamplingParams):
 class ChatRun:
     """One configuration's engine and its copy of the conversations."""
 
-    def __init__(self, name: str, llm: LLM, convs: int) -> None:
+    def __init__(self, name: str, llm: LLM, docs: list[list[int]]) -> None:
         self.name = name
         self.llm = llm
-        self.history: list[list[int]] = [[] for _ in range(convs)]
+        self.history: list[list[int]] = [list(doc) for doc in docs]
         self.ttfts: list[float] = []
         self.busy_s = 0.0  # its requests end to end, plus waiting for its background stores
         self.store_wait_s = 0.0
@@ -238,21 +244,22 @@ class ChatRun:
 
 
 def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
-    working_set = args.convs * args.turns * (args.user_tokens + args.reply_tokens)
+    working_set = args.convs * (args.doc_tokens + args.turns * (args.user_tokens + args.reply_tokens))
     pool_blocks = -(-working_set // (16 * 4))  # a quarter of it, in 16-token device blocks
     configs = {
         "no connector": None,
-        "CPU offloading": offloading_config(args.chat_cpu_bytes, [], args.offload_block),
-        "CPU + fs": offloading_config(args.chat_cpu_bytes, [{"type": "fs", "path": fs_dir}], args.offload_block),
+        "CPU offloading": offloading_config(args.chat_cpu_bytes, [], args.chat_offload_block),
+        "CPU + fs": offloading_config(args.chat_cpu_bytes, [{"type": "fs", "path": fs_dir}], args.chat_offload_block),
     }
     rng = random.Random(1234)  # the same user turns for every configuration
     users = [[random_prompt(args.user_tokens, rng) for _ in range(args.turns)] for _ in range(args.convs)]
+    docs = [random_prompt(args.doc_tokens, rng) for _ in range(args.convs)]
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens, ignore_eos=True)
     runs: list[ChatRun] = []
     try:
         for name, ktc in configs.items():
             runs.append(ChatRun(name, make_llm(loaded, ktc, num_gpu_blocks_override=pool_blocks, block_size=16),
-                                args.convs))
+                                docs))
         # The configurations take turns request by request (starting with a different one
         # each time): a noisy neighbour on a 2-core machine then slows all of them alike.
         step = 0
@@ -269,7 +276,7 @@ def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
             close_llm(r.llm)
         runs.clear()
         gc.collect()
-    setup = {"working_set_tokens": working_set, "pool_blocks": pool_blocks, "pool_tokens": pool_blocks * 16,
+    setup = {"working_set_tokens": working_set, "offload_block": args.chat_offload_block, "pool_blocks": pool_blocks, "pool_tokens": pool_blocks * 16,
              "cpu_tier_bytes": args.chat_cpu_bytes}
     return results, setup
 
@@ -286,13 +293,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core). On a machine shared with other busy "
                          "processes, 1 avoids OpenMP oversubscription stalls that make 2-thread timings erratic")
+    ap.add_argument("--doc-tokens", type=int, default=1024,
+                    help="chat: each conversation opens with a document of this many tokens (0: none)")
+    ap.add_argument("--user-tokens", type=int, default=64, help="chat: new user tokens a turn")
+    ap.add_argument("--reply-tokens", type=int, default=32, help="chat: reply tokens a turn")
+    ap.add_argument("--chat-offload-block", type=int, default=64,
+                    help="chat: kv_connector_extra_config.block_size, tokens (a turn recomputes what follows the "
+                         "last whole offload block of its history)")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-chat", action="store_true")
     args = ap.parse_args()
     print("$ python -m benchmarks.bench_connectors " + " ".join(sys.argv[1:]), flush=True)
     args.lengths = [2048] if args.quick else [2048, 4096]
     args.convs, args.turns = (8, 3) if args.quick else (16, 6)
-    args.user_tokens, args.reply_tokens = 150, 16
     args.cpu_bytes = 1_000_000_000  # holds 84 offload blocks: everything part 1 stores per engine
     args.chat_cpu_bytes = 1_500_000_000  # holds the whole chat working set (~0.75 GB)
     args.ttft_pool_blocks = 2 * (max(args.lengths) // 16) + 64
@@ -331,7 +344,8 @@ def main() -> None:
     if chat:
         base = chat["no connector"]["mean_ttft_s"]
         print_table(f"Multi-turn chat: {args.convs} conversations x {args.turns} turns, round robin, one request "
-                    f"at a time ({args.user_tokens} user + {args.reply_tokens} reply tokens a turn; device pool "
+                    f"at a time ({args.doc_tokens}-token document, then {args.user_tokens} user + {args.reply_tokens} reply "
+                    f"tokens a turn; offload block {args.chat_offload_block} tokens; device pool "
                     f"{chat_setup['pool_tokens']} tokens = 1/4 of the {chat_setup['working_set_tokens']}-token "
                     f"working set). total = the configuration's requests end to end + waits for its stores",
                     ["config", "mean TTFT (s)", "p90 TTFT (s)", "total (s)", "of which store waits (s)",

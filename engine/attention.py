@@ -31,6 +31,10 @@ class GroupAttention:
     decode_tokens: torch.Tensor | None = None        # [B] rows of q that are single-token decodes
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
     decode_mask: torch.Tensor | None = None          # [B, 1, 1, L] bool, None when B == 1 and no window
+    # With the CPU decode kernel: no padding mask, each row's key range instead.
+    decode_kernel: object | None = None
+    decode_seq_lens: torch.Tensor | None = None      # [B] keys up to and including the new token
+    decode_first_pos: torch.Tensor | None = None     # [B] key position of the table's first block
     prefills: list[PrefillSeq] = field(default_factory=list)
     # Arguments for the fused kernel path (CUDA).
     block_tables: torch.Tensor | None = None
@@ -57,7 +61,11 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, me
     """q: [T, H, D] -> [T, H, D]; K/V of the new tokens are already in the pool."""
     out = torch.empty_like(q)
     kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
-    if meta.decode_tokens is not None:
+    if meta.decode_kernel is not None:
+        meta.decode_kernel.paged_decode_attention(
+            out, q, kv_cache, slot, meta.decode_tokens, meta.decode_block_tables, meta.decode_seq_lens,
+            meta.decode_first_pos, meta.sliding_window or 0, scale)
+    elif meta.decode_tokens is not None:
         bt = meta.decode_block_tables
         b = bt.shape[0]
         k = kv_cache[bt, slot, 0].reshape(b, -1, kvh, d).transpose(1, 2)

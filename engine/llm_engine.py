@@ -77,7 +77,7 @@ class LLMEngine:
         policy = config.kv_transfer_config.kv_load_failure_policy if self.connector else "recompute"
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.connector, policy)
-        self._use_fused_attention()
+        self._choose_attention()
         self.requests: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
         self.prompt_tokens_total = 0
@@ -115,11 +115,24 @@ class LLMEngine:
         self.model.connector = connector
         return connector
 
-    def _use_fused_attention(self) -> None:
-        """Triton on CUDA; KVTIER_ATTENTION=triton|torch overrides (triton on the CPU
-        needs TRITON_INTERPRET=1 and is how the wiring is tested without a GPU)."""
+    def _choose_attention(self) -> None:
+        """Triton on CUDA, the C++ decode kernel on the CPU; KVTIER_ATTENTION=
+        triton|cpu|torch overrides (triton on the CPU needs TRITON_INTERPRET=1 and
+        is how the wiring is tested without a GPU; torch is the pure-torch path)."""
         choice = os.environ.get("KVTIER_ATTENTION", "auto")
-        if choice == "torch" or (choice == "auto" and self.device.type != "cuda"):
+        if choice not in ("auto", "torch", "cpu", "triton"):
+            raise ValueError(f"KVTIER_ATTENTION={choice!r}: expected auto, torch, cpu or triton")
+        if choice == "torch":
+            return
+        if choice == "cpu" and self.device.type != "cpu":
+            raise ValueError("KVTIER_ATTENTION=cpu needs --device cpu")
+        if choice == "cpu" or (choice == "auto" and self.device.type == "cpu"):
+            from engine import cpu_attention
+            self.runner.decode_kernel = cpu_attention.load()
+            if self.runner.decode_kernel is None and choice == "cpu":
+                raise RuntimeError("KVTIER_ATTENTION=cpu but the CPU kernel could not be built (see the log)")
+            return
+        if choice == "auto" and self.device.type != "cuda":
             return
         from engine import triton_attention
         if not triton_attention.is_available():

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import GroupAttention, paged_attention_torch, write_kv
+from engine.linear import Linear
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -50,27 +51,27 @@ class RMSNorm:
 
 
 class DecoderLayer:
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg):
-        def get(name):
-            return w.get(prefix + name)
-        self.q, self.k, self.v = get("self_attn.q_proj.weight"), get("self_attn.k_proj.weight"), get("self_attn.v_proj.weight")
-        self.qb, self.kb, self.vb = get("self_attn.q_proj.bias"), get("self_attn.k_proj.bias"), get("self_attn.v_proj.bias")
-        self.o = get("self_attn.o_proj.weight")
-        self.gate, self.up, self.down = get("mlp.gate_proj.weight"), get("mlp.up_proj.weight"), get("mlp.down_proj.weight")
-        self.input_norm = RMSNorm(get("input_layernorm.weight"), cfg.rms_norm_eps)
-        self.post_norm = RMSNorm(get("post_attention_layernorm.weight"), cfg.rms_norm_eps)
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, cfg, prepack: bool):
+        def linear(name):
+            return Linear(w[prefix + name + ".weight"], w.get(prefix + name + ".bias"), prepack)
+        self.q, self.k, self.v = linear("self_attn.q_proj"), linear("self_attn.k_proj"), linear("self_attn.v_proj")
+        self.o = linear("self_attn.o_proj")
+        self.gate, self.up, self.down = linear("mlp.gate_proj"), linear("mlp.up_proj"), linear("mlp.down_proj")
+        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
 
 class CausalLM:
-    def __init__(self, cfg, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 prepack: bool = True):
         w = {k: t.to(device=device, dtype=dtype) for k, t in weights.items()}
         self.cfg = cfg
         self.device, self.dtype = device, dtype
         self.embed = w["model.embed_tokens.weight"]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else w["lm_head.weight"], None, prepack)
         self.norm = RMSNorm(w["model.norm.weight"], cfg.rms_norm_eps)
-        self.layers = [DecoderLayer(w, f"model.layers.{i}.", cfg) for i in range(cfg.num_layers)]
+        self.layers = [DecoderLayer(w, f"model.layers.{i}.", cfg, prepack) for i in range(cfg.num_layers)]
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.scale = cfg.head_dim ** -0.5
         self.attention = paged_attention_torch
@@ -95,9 +96,9 @@ class CausalLM:
         connector = self.connector
         for i, (layer, (g, slot)) in enumerate(zip(self.layers, layer_slots)):
             x = layer.input_norm(h)
-            q = F.linear(x, layer.q, layer.qb).view(t, layer.num_heads, layer.head_dim)
-            k = F.linear(x, layer.k, layer.kb).view(t, layer.num_kv_heads, layer.head_dim)
-            v = F.linear(x, layer.v, layer.vb).view(t, layer.num_kv_heads, layer.head_dim)
+            q = layer.q(x).view(t, layer.num_heads, layer.head_dim)
+            k = layer.k(x).view(t, layer.num_kv_heads, layer.head_dim)
+            v = layer.v(x).view(t, layer.num_kv_heads, layer.head_dim)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             if connector is not None:
@@ -106,8 +107,8 @@ class CausalLM:
             a = self.attention(q, kv_cache, slot, groups[g], self.scale)
             if connector is not None:
                 connector.save_kv_layer(i, self.connector_meta)
-            h = h + F.linear(a.reshape(t, -1), layer.o)
+            h = h + layer.o(a.reshape(t, -1))
             x = layer.post_norm(h)
-            h = h + F.linear(F.silu(F.linear(x, layer.gate)) * F.linear(x, layer.up), layer.down)
+            h = h + layer.down(F.silu(layer.gate(x)) * layer.up(x))
         h = self.norm(h[logits_indices])
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()

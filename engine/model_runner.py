@@ -28,6 +28,7 @@ class ModelRunner:
         self.kv_cache = torch.zeros(num_blocks, layers_per_page(self.groups), 2, block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=self.device)
         self.fused_attention = False  # the engine switches this on with the Triton path
+        self.decode_kernel = None     # ... and this one with the CPU decode kernel
         self.layer_slots: list[tuple[int, int]] = [None] * cfg.num_layers
         for g in self.groups:
             for slot, layer in enumerate(g.layers):
@@ -49,9 +50,11 @@ class ModelRunner:
         if self.fused_attention:
             return self._fused_metadata(meta, sched, tables)
 
-        # Two or more decodes run as one padded batch; a lone decode takes the
-        # per-sequence path, which needs no padding mask.
-        batch_decodes = sum(1 for s in sched.scheduled if s.num_new_tokens == 1) >= 2
+        # With the CPU kernel every decode goes to it. Without, two or more decodes
+        # run as one padded batch; a lone decode takes the per-sequence path,
+        # which needs no padding mask.
+        kernel = self.decode_kernel
+        batch_decodes = kernel is not None or sum(1 for s in sched.scheduled if s.num_new_tokens == 1) >= 2
         decode_rows, decode_tables, decode_firsts, decode_lens = [], [], [], []
         q_start = 0
         for i, (s, table) in enumerate(zip(sched.scheduled, tables)):
@@ -81,6 +84,11 @@ class ModelRunner:
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
             meta.decode_tokens = torch.tensor(decode_rows, dtype=torch.long, device=self.device)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
+            if kernel is not None:
+                meta.decode_kernel = kernel
+                meta.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
+                meta.decode_first_pos = torch.tensor(decode_firsts, dtype=torch.long, device=self.device)
+                return meta
             if (window, "decode") not in masks:
                 q_pos = torch.tensor(decode_lens, device=self.device)[:, None] - 1
                 k_pos = (torch.tensor(decode_firsts, device=self.device)[:, None]

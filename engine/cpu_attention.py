@@ -1,0 +1,45 @@
+"""The CPU decode-attention kernel (engine/csrc/paged_decode.cpp), built on first use.
+
+torch's C++ extension loader compiles it once per machine into the kvtier cache
+directory (about a minute); later processes load the built library. Without a
+compiler the engine keeps the torch path, and says so.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+
+
+def _cpu_tag() -> str:
+    """Built with -march=native, so the build is only valid on the CPU it was made for."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:10]
+
+
+@functools.cache
+def load():
+    """The compiled module, or None if it cannot be built here."""
+    from engine.model_loader import cache_dir
+    try:
+        from torch.utils import cpp_extension
+        build = cache_dir() / "torch_extensions" / f"paged_decode_{_cpu_tag()}"
+        build.mkdir(parents=True, exist_ok=True)
+        logger.info("loading the CPU decode-attention kernel (first build takes about a minute)")
+        return cpp_extension.load(
+            name="kvtier_paged_decode", sources=[str(SOURCE)], build_directory=str(build),
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a failed build: the torch path still works
+        logger.warning("CPU decode-attention kernel unavailable (%s: %s); using the torch path",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
