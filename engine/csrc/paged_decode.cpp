@@ -15,21 +15,25 @@
 
 namespace {
 
-template <typename T>
+// DIM > 0 fixes head_dim at compile time (fully unrolled, one horizontal sum);
+// DIM == 0 takes it from `d`.
+template <int DIM, typename T>
 inline float dot(const float* __restrict q, const T* __restrict k, int64_t d) {
+  if constexpr (DIM > 0) d = DIM;
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
   for (int64_t i = 0; i < d; ++i) acc += q[i] * static_cast<float>(k[i]);
   return acc;
 }
 
-template <typename T>
+template <int DIM, typename T>
 inline void axpy(float* __restrict y, float a, const T* __restrict x, int64_t d) {
+  if constexpr (DIM > 0) d = DIM;
 #pragma omp simd
   for (int64_t i = 0; i < d; ++i) y[i] += a * static_cast<float>(x[i]);
 }
 
-template <typename T>
+template <int DIM, typename T>
 void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t slot,
             const at::Tensor& rows, const at::Tensor& tables, const at::Tensor& seq_lens,
             const at::Tensor& first_pos, int64_t window, double scale) {
@@ -67,7 +71,7 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
       for (int64_t p = start; p < len; ++p) {
         const int64_t rel = p - first;
         const T* k = base + tab[b * W + rel / BS] * s_blk + (rel % BS) * s_tok;
-        for (int64_t h = 0; h < H; ++h) scores[h * n + (p - start)] = dot(qf.data() + h * D, k + (h / G) * s_head, D);
+        for (int64_t h = 0; h < H; ++h) scores[h * n + (p - start)] = dot<DIM>(qf.data() + h * D, k + (h / G) * s_head, D);
       }
       for (int64_t h = 0; h < H; ++h) {
         float* s = scores.data() + h * n;
@@ -85,7 +89,7 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
       for (int64_t p = start; p < len; ++p) {
         const int64_t rel = p - first;
         const T* v = base + tab[b * W + rel / BS] * s_blk + s_v + (rel % BS) * s_tok;
-        for (int64_t h = 0; h < H; ++h) axpy(acc.data() + h * D, scores[h * n + (p - start)], v + (h / G) * s_head, D);
+        for (int64_t h = 0; h < H; ++h) axpy<DIM>(acc.data() + h * D, scores[h * n + (p - start)], v + (h / G) * s_head, D);
       }
       for (int64_t h = 0; h < H; ++h) {
         T* o = op + row[b] * o_row + h * o_head;
@@ -113,7 +117,11 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
   for (const at::Tensor* t : {&rows, &tables, &seq_lens, &first_pos})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    decode<scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale);
+    switch (q.size(2)) {
+      case 64: decode<64, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+      case 128: decode<128, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+      default: decode<0, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale);
+    }
   });
 }
 
