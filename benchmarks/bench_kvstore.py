@@ -17,7 +17,7 @@ Baseline and tier runs alternate, on fresh keys each time (no run finds its
 blocks already there), after one warm-up round. GB/s and latencies are
 medians; the ratio is the median of the per-round ratios (tier GB/s over
 baseline GB/s), each round's pair having run back to back. The
-tier's figures include everything it does: header, CRC-32C on write and its
+tier's figures include everything it does: header, XXH3-64 checksum on write and its
 verification on read. The servers are started here: moto's S3 server, and
 redis-server configured as a cache is (maxmemory 1 GB, allkeys-lru).
 """

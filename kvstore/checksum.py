@@ -1,41 +1,25 @@
-"""CRC-32C of a payload, at hardware speed and without a copy.
+"""The payload checksum: XXH3-64, at memory speed and without a copy.
 
-Measured on these machines over an 11.8 MB block: crc32c 11-20 GB/s,
-zlib.crc32 2.5 GB/s, blake2b 0.7 GB/s. google-crc32c (a dependency of gcsfs)
-ships the C library: calling it through ctypes releases the GIL, so I/O
-threads can check blocks side by side. Its Python extension is the fallback;
-it only takes buffers without a release hook, hence the ctypes array view.
+Measured here on 1 MiB (in cache) and 12 MB buffers: XXH3-64 53-55 GB/s,
+hardware CRC-32C (google-crc32c) 18-21 GB/s, zlib.crc32 2.5 GB/s. A reader
+verifies every byte it hands up, so the checksum sits on the fs tier's read
+path next to a page-cache copy of ~14 GB/s: with CRC-32C it cost a third of
+the tier's read bandwidth. xxhash releases the GIL on large buffers, so I/O
+threads check blocks side by side.
 """
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
+import xxhash
 
-import google_crc32c
-import numpy as np
+NAME = "xxh3-64"
 
 
-def _load_library():
-    package_dir = os.path.dirname(google_crc32c.__file__)
-    for path in sorted(glob.glob(package_dir + ".libs/libcrc32c*.so*")):
-        try:
-            library = ctypes.CDLL(path)
-        except OSError:
-            continue
-        library.crc32c_extend.restype = ctypes.c_uint32
-        library.crc32c_extend.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-        return library
-    return None
+def checksum(data) -> int:
+    """XXH3-64 of any C-contiguous buffer (bytes, memoryview, numpy array)."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
-_LIBRARY = _load_library()
-
-
-def crc32c(data, crc: int = 0) -> int:
-    """CRC-32C of any C-contiguous buffer (bytes, memoryview, numpy array),
-    continuing `crc`: crc32c(b, crc32c(a)) == crc32c(a + b)."""
-    array = np.frombuffer(data, dtype=np.uint8)
-    if _LIBRARY is not None:
-        return _LIBRARY.crc32c_extend(crc, array.ctypes.data, array.nbytes)
-    return google_crc32c.extend(crc, (ctypes.c_char * array.nbytes).from_address(array.ctypes.data))
+def running_checksum():
+    """An object with update(buffer) and intdigest(): the checksum of everything
+    given to it, equal to checksum() of the concatenation."""
+    return xxhash.xxh3_64()

@@ -86,7 +86,7 @@ class ObjSpec(TierSpec):
             config_kwargs={
                 "connect_timeout": self.timeout_s, "read_timeout": self.timeout_s,
                 "retries": {"max_attempts": 1},
-                # The block format carries its own CRC-32C, checked end to end:
+                # The block format carries its own checksum, checked end to end:
                 # a second checksum per request would only cost time.
                 "request_checksum_calculation": "when_required",
                 "response_checksum_validation": "when_required",

@@ -9,7 +9,7 @@ from kv_helpers import bit_equal
 
 from kvstore import layout_id, make_key
 from kvstore.block_format import BlockCodec, CorruptBlockError
-from kvstore.checksum import crc32c
+from kvstore.checksum import checksum, running_checksum
 
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
@@ -41,9 +41,13 @@ def test_layout_id_names_dtype_block_group_and_shape():
     assert layout_id("bfloat16", 16, 0, (2,)) == "bfloat16-t16-g0-2"
 
 
-def test_crc32c_matches_the_standard_check_value():
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(memoryview(b"xx123456789")[2:]) == 0xE3069283
+def test_checksum_is_xxh3_64_and_streams():
+    assert checksum(b"") == 0x2D06800538D394C2  # XXH3-64 of nothing, seed 0 (the reference test vector)
+    assert checksum(memoryview(b"xx123456789")[2:]) == checksum(b"123456789")
+    running = running_checksum()
+    for part in (b"1234", memoryview(b"56789")):
+        running.update(part)
+    assert running.intdigest() == checksum(b"123456789")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
