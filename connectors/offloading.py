@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from connectors.base import ConnectorMetadata, ConnectorRequest, KVConnectorBase, KVLayout, StepPlan
 from connectors.config import KVTransferConfig
+from connectors.staging import StagingBuffers
 from kvstore.keys import layout_id, make_key
 from kvstore.tiered_store import TieredStore
 from policies.registry import make_request_policy
@@ -142,6 +143,7 @@ class OffloadingConnector(KVConnectorBase):
         self.can_load = config.kv_role in ("kv_both", "kv_consumer")
         self.can_save = config.kv_role in ("kv_both", "kv_producer")
         self._pending_loads: list[PendingLoad] = []
+        self._staging = StagingBuffers(self.block_shape, layout.dtype)
         self._closed = False
         self._lock = threading.Lock()
         self._finished_loads: set[str] = set()
@@ -277,11 +279,12 @@ class OffloadingConnector(KVConnectorBase):
     # -- worker side -------------------------------------------------------
     def start_load_kv(self, metadata: OffloadingMetadata) -> None:
         for load in metadata.loads:
-            out = torch.empty((len(load.keys), *self.block_shape), dtype=self.layout.dtype)
-            future = self.store.get_async(load.keys, out, self.decisions.get(load.request_id, RequestDecision()).read_tiers)
-            future.add_done_callback(lambda f, load=load, out=out: self._land(load, out, f))
+            buffer = self._staging.acquire(len(load.keys))
+            future = self.store.get_async(load.keys, buffer[:len(load.keys)],
+                                          self.decisions.get(load.request_id, RequestDecision()).read_tiers)
+            future.add_done_callback(lambda f, load=load, buffer=buffer: self._land(load, buffer, f))
 
-    def _land(self, load: PendingLoad, out: torch.Tensor, future: Future) -> None:
+    def _land(self, load: PendingLoad, buffer: torch.Tensor, future: Future) -> None:
         """On a store thread: copy what arrived into the request's device blocks."""
         try:
             n_ok = future.result()
@@ -294,11 +297,15 @@ class OffloadingConnector(KVConnectorBase):
                 dst.extend(load.dst_blocks[i])
                 src.extend(i * self.blocks_per_offload + r for r in load.src_rows[i])
             if dst:
-                pages = out.view(-1, *self.layout.page_shape)
-                self.kv_cache.index_copy_(0, torch.tensor(dst), pages[torch.tensor(src)])
+                pages = buffer.view(-1, *self.layout.page_shape)
+                # Usually every row lands, in order: then no gather is needed.
+                rows = pages[:len(src)] if src == list(range(len(src))) else pages[torch.tensor(src)]
+                self.kv_cache.index_copy_(0, torch.tensor(dst), rows)
         except Exception:
             logger.exception("copying loaded blocks into the device pool failed")
             n_ok = 0
+        finally:
+            self._staging.release(buffer)
         failed = [b for blocks in load.dst_blocks[n_ok:] for b in blocks]
         with self._lock:
             self._failed_blocks.update(failed)
@@ -308,8 +315,15 @@ class OffloadingConnector(KVConnectorBase):
         for save in metadata.saves:
             ids = torch.tensor([b for blocks in save.src_blocks for b in blocks])
             # One batched gather: the blocks are free to be reused once it returns.
-            data = self.kv_cache.index_select(0, ids).view(len(save.keys), *self.block_shape)
-            self.store.put_async(save.keys, data, save.write_tiers)
+            buffer = self._staging.acquire(len(save.keys))
+            data = buffer[:len(save.keys)]
+            torch.index_select(self.kv_cache, 0, ids, out=data.view(-1, *self.layout.page_shape))
+            try:
+                # put_async copies what it keeps before it returns (into CPU-tier
+                # slots, or clones), so the buffer is free again right after.
+                self.store.put_async(save.keys, data, save.write_tiers)
+            finally:
+                self._staging.release(buffer)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         with self._lock:

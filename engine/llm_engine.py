@@ -15,7 +15,7 @@ from engine.kv_cache import KVCacheManager, SlidingWindowSpec, build_kv_cache_gr
 from engine.model import CausalLM
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_page_bytes
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -286,7 +286,24 @@ class LLMEngine:
         cached = max(0, group.children[0].num_cached_tokens)
         errors = [c.stop_reason for c in group.children if c.status == RequestStatus.FINISHED_ERROR]
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached,
-                             error=errors[0] if errors else None)
+                             error=errors[0] if errors else None, metrics=self._metrics(group))
+
+    @staticmethod
+    def _metrics(group: RequestGroup) -> RequestMetrics:
+        """Over the group's samples (n > 1): the earliest start and first token, the latest
+        token and finish."""
+        kids = group.children
+
+        def pick(choose, name):
+            values = [getattr(c, name) for c in kids if getattr(c, name) is not None]
+            return choose(values) if values else None
+
+        return RequestMetrics(
+            arrival_time=min(c.arrival_time for c in kids),
+            first_scheduled_time=pick(min, "first_scheduled_time"),
+            first_token_time=pick(min, "first_token_time"),
+            last_token_time=pick(max, "last_token_time"),
+            finished_time=pick(max, "finished_time") if group.finished else None)
 
     def shutdown(self) -> None:
         """Stop the connector's background work (pending stores are flushed by it)."""

@@ -1,7 +1,7 @@
 """What the engine hands back for a request (cumulative, vLLM-shaped)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -22,6 +22,24 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Timestamps (time.monotonic(), seconds) of one request, as vLLM's RequestMetrics."""
+    arrival_time: float
+    first_scheduled_time: float | None = None  # first admitted to the batch (or to a tier load)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -30,4 +48,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     error: str | None = None
-    metrics: dict = field(default_factory=dict)
+    metrics: RequestMetrics | None = None

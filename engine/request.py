@@ -47,7 +47,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finished_time: float | None = None
         self.block_hashes: list[bytes] = []
         self.generator: torch.Generator | None = None
         if seed is not None:
@@ -75,8 +78,9 @@ class Request:
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
             self.cumulative_logprob += logprobs.get(token_id, 0.0)
+        self.last_token_time = time.monotonic()
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = self.last_token_time
         self.update_block_hashes()
 
     def check_token_stop(self) -> None:

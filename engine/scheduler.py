@@ -11,6 +11,8 @@ whatever of its prefix is still cached.
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -105,6 +107,7 @@ class Scheduler:
                     req.num_external_tokens = external
                     self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
                     self._record_hit(req, num_computed + external)
+                    self._mark_scheduled(req)
                     self.waiting.popleft()
                     if is_async:
                         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
@@ -118,12 +121,18 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._record_hit(req, num_computed)
+            self._mark_scheduled(req)
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
         return out
+
+    @staticmethod
+    def _mark_scheduled(req: Request) -> None:
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
 
     def _external_hit(self, req: Request, num_computed: int) -> tuple[int, bool]:
         if self.connector is None:
@@ -203,6 +212,7 @@ class Scheduler:
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
+        req.finished_time = time.monotonic()
         self._finished_ids.add(req.request_id)
         if req.request_id in self.loading:
             return  # its blocks are freed when the load lands

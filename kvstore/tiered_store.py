@@ -144,7 +144,9 @@ class TieredStore:
 
     def put_async(self, keys: Sequence[str], blocks: torch.Tensor, tiers: Iterable[str] | None = None,
                   priority: int = 0) -> Future:
-        """Store blocks [n, *block_shape]. The future's result: blocks written, per tier."""
+        """Store blocks [n, *block_shape]. The future's result: blocks written, per tier.
+        `blocks` is copied (into CPU-tier slots, or cloned) before this returns:
+        the caller may reuse its memory at once."""
         keys = list(keys)
         self._check(blocks, len(keys), "blocks")
         allowed = self._allowed(tiers)

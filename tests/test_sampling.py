@@ -72,3 +72,12 @@ def test_max_tokens_and_eos(llm):
                     use_tqdm=False)[0].outputs[0]
     assert chat.finish_reason == "stop" and chat.token_ids[-1] == 2  # <|im_end|>
     assert "<|im_end|>" not in chat.text
+
+
+def test_outputs_carry_request_timestamps_in_order(llm):
+    out = llm.generate(["Count to five:"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0]
+    m = out.metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert m.ttft == m.first_token_time - m.arrival_time > 0
+    assert m.time_in_queue >= 0

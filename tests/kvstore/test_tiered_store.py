@@ -221,3 +221,21 @@ def test_a_user_cache_policy_runs_the_cpu_tier(make_store, tmp_path):
     for i in range(3):
         store.put_async(keys[i:i + 1], blocks[i:i + 1]).result(timeout=30)
     assert [store.lookup([key]) for key in keys] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("tiers, cpu_blocks", [(None, 16), ({"fs"}, 16), (None, 2)])
+def test_the_caller_may_reuse_its_blocks_as_soon_as_put_async_returns(make_store, spec_for, tiers, cpu_blocks):
+    """Through the CPU tier, straight to fs, and with a CPU tier too small for the batch."""
+    store = make_store([spec_for("fs")], cpu_blocks=cpu_blocks)
+    keys, blocks = block_keys(4), random_blocks(4)
+    staging = blocks.clone()
+    future = store.put_async(keys, staging, tiers=tiers)
+    staging.fill_(float("nan"))  # the connector's staging buffer goes to the next save
+    future.result(timeout=30)
+    out = torch.zeros_like(blocks)
+    assert store.get_async(keys, out, tiers={"fs"}).result(timeout=30) == 4
+    assert bit_equal(out, blocks)
+    if tiers is None:  # what the CPU tier kept is right too
+        out = torch.zeros_like(blocks)
+        n = store.get_async(keys, out, tiers={"cpu"}).result(timeout=30)
+        assert n == min(4, cpu_blocks) and bit_equal(out[:n], blocks[:n])
