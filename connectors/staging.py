@@ -27,7 +27,9 @@ class StagingBuffers:
             fitting = [i for i, b in enumerate(self._free) if b.shape[0] >= n]
             if fitting:  # the smallest that fits (tensors compare elementwise: go by position)
                 return self._free.pop(min(fitting, key=lambda i: self._free[i].shape[0]))
-        return torch.empty((n, *self.block_shape), dtype=self.dtype)
+        # Rounded up to a power of two: a conversation's loads grow turn by turn,
+        # and each new size would otherwise be a new buffer.
+        return torch.empty((1 << (n - 1).bit_length(), *self.block_shape), dtype=self.dtype)
 
     def release(self, buffer: torch.Tensor) -> None:
         with self._lock:
@@ -36,6 +38,6 @@ class StagingBuffers:
             kept = 0
             for i, b in enumerate(self._free):
                 kept += b.nbytes
-                if kept > self.keep_bytes and i > 0:
+                if kept > self.keep_bytes:
                     del self._free[i:]
                     break

@@ -58,7 +58,9 @@ def write_kv(kv_cache: torch.Tensor, slot: int, meta: GroupAttention, k: torch.T
 
 def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, meta: GroupAttention,
                           scale: float) -> torch.Tensor:
-    """q: [T, H, D] -> [T, H, D]; K/V of the new tokens are already in the pool."""
+    """q: [T, H, D] -> [T, H, D]; K/V of the new tokens are already in the pool.
+    Prefill chunks run SDPA per sequence; decodes go to the C++ kernel when the
+    runner attached it (meta.decode_kernel), else one masked SDPA over a gather."""
     out = torch.empty_like(q)
     kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
     if meta.decode_kernel is not None:

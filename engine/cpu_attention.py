@@ -10,11 +10,13 @@ import functools
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
+STALE_LOCK_S = 600.0  # a build takes about a minute
 
 
 def _cpu_tag() -> str:
@@ -34,6 +36,11 @@ def load():
         from torch.utils import cpp_extension
         build = cache_dir() / "torch_extensions" / f"paged_decode_{_cpu_tag()}"
         build.mkdir(parents=True, exist_ok=True)
+        lock = build / "lock"
+        # torch's loader waits for this lock without end; a build killed half way leaves it.
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            logger.warning("removing a stale build lock %s", lock)
+            lock.unlink(missing_ok=True)
         logger.info("loading the CPU decode-attention kernel (first build takes about a minute)")
         return cpp_extension.load(
             name="kvtier_paged_decode", sources=[str(SOURCE)], build_directory=str(build),

@@ -69,6 +69,10 @@ class LLMEngine:
         self.block_size = config.block_size
         self.groups = build_kv_cache_groups(cfg.layer_types, cfg.sliding_window)
         self.model = CausalLM(cfg, self.loaded.weights, self.device, self.dtype)
+        if loaded is None:
+            # The model holds what it needs (prepacked linears are copies): keeping
+            # the loader's tensors too would double the weights' memory.
+            self.loaded.weights.clear()
         self.num_blocks = self._num_blocks()
         self.kv_cache_manager = KVCacheManager(self.groups, self.num_blocks, self.block_size,
                                                config.enable_prefix_caching)

@@ -168,6 +168,7 @@ class Scheduler:
             if good < loaded:
                 if self.load_failure_policy == "fail":
                     req.status = RequestStatus.FINISHED_ERROR
+                    req.finished_time = time.monotonic()
                     req.stop_reason = f"KV load failed for {loaded - good} of {loaded} cached tokens"
                     self.kv_cache.free(rid)
                     out.failed.append(req)

@@ -116,6 +116,8 @@ class BlockCodec:
         header_end = _PREFIX.size + header_len
         if header_end % _ALIGN:
             raise CorruptBlockError("header", "payload not aligned")
+        if header_end > size:  # before a corrupt length can size a read
+            raise CorruptBlockError("truncated", f"header of {header_len} bytes in {size}")
         if header_end > len(head):
             head += _read_exact(reader, header_end - len(head))
         raw = head[_PREFIX.size:]
@@ -127,9 +129,11 @@ class BlockCodec:
             header = json.loads(raw)
         except ValueError as e:
             raise CorruptBlockError("header", str(e)) from None
+        if not isinstance(header, dict) or not isinstance(header.get("checksum"), str):
+            raise CorruptBlockError("header", "not a block header")
         if header.get("key") != key or any(header.get(k) != v for k, v in self._expected.items()):
             raise CorruptBlockError("foreign", f"{header.get('key')} {header.get('fingerprint')}")
-        if size != _PREFIX.size + header_len + self.payload_nbytes:
+        if size != header_end + self.payload_nbytes:
             raise CorruptBlockError("truncated", f"size {size}")
         got, payload_checksum = _readinto_checked(reader, memoryview(byte_view(out)))
         if got < self.payload_nbytes:

@@ -98,3 +98,22 @@ def test_unknown_attention_choice_is_rejected(monkeypatch, default_model):
     monkeypatch.setenv("KVTIER_ATTENTION", "flash")
     with pytest.raises(ValueError, match="KVTIER_ATTENTION"):
         LLMEngine(EngineConfig(), loaded=default_model)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["first_past_len", "table_too_short", "block_out_of_range", "slot"])
+def test_kernel_refuses_indices_that_would_read_outside_the_pool(bad):
+    kv = torch.zeros(4, 2, 2, BS, 1, 8)
+    q, out = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
+    rows, lens, firsts = torch.tensor([0]), torch.tensor([20]), torch.tensor([0])
+    tables, slot = torch.tensor([[1, 2]]), 0
+    if bad == "first_past_len":
+        firsts = torch.tensor([32])
+    elif bad == "table_too_short":
+        tables = torch.tensor([[1]])
+    elif bad == "block_out_of_range":
+        tables = torch.tensor([[1, 9]])
+    else:
+        slot = 2
+    with pytest.raises(RuntimeError):
+        kernel.paged_decode_attention(out, q, kv, slot, rows, tables, lens, firsts, 0, 1.0)

@@ -113,9 +113,30 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q/out head_dim must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
               "q, out and kv_cache must share a dtype");
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && kv_cache.dim() == 6, "q/out [T, H, D], kv_cache 6-d");
+  TORCH_CHECK(kv_cache.size(5) == q.size(2), "head_dim differs between q and kv_cache");
   TORCH_CHECK(q.size(1) % kv_cache.size(4) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(slot >= 0 && slot < kv_cache.size(1), "slot out of range");
+  const int64_t B = tables.size(0);
+  TORCH_CHECK(rows.numel() == B && seq_lens.numel() == B && first_pos.numel() == B, "one row, length, start each");
   for (const at::Tensor* t : {&rows, &tables, &seq_lens, &first_pos})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
+  {  // every row attends to at least one key, from a position its table covers
+    const int64_t* lens = seq_lens.data_ptr<int64_t>();
+    const int64_t* firsts = first_pos.data_ptr<int64_t>();
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t BS = kv_cache.size(3), W = tables.size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(firsts[b] >= 0 && firsts[b] % BS == 0 && firsts[b] < lens[b], "bad key range for row ", b);
+      TORCH_CHECK((lens[b] - firsts[b] + BS - 1) / BS <= W, "block table too short for row ", b);
+      TORCH_CHECK(row[b] >= 0 && row[b] < q.size(0), "row out of range");
+      for (int64_t j = 0; j < (lens[b] - firsts[b] + BS - 1) / BS; ++j) {
+        const int64_t block = tables.data_ptr<int64_t>()[b * W + j];
+        TORCH_CHECK(block >= 0 && block < kv_cache.size(0), "block id out of range in row ", b);
+      }
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     switch (q.size(2)) {
       case 64: decode<64, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;

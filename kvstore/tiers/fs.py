@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal
 
 import fsspec
@@ -94,8 +94,14 @@ class FsBackend(BlobBackend):
         try:
             work()
         finally:
+            # A helper still queued behind another batch is not needed any more;
+            # one that started must finish before the caller's buffers are let go.
             for helper in helpers:
-                helper.result()
+                helper.cancel()
+            wait(helpers)
+        for helper in helpers:
+            if not helper.cancelled() and helper.exception() is not None:
+                raise helper.exception()
         return results
 
     def _path(self, name: str) -> str:

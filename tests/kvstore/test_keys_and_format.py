@@ -59,6 +59,15 @@ def test_codec_round_trip(dtype):
     assert bit_equal(codec.decode(blob, "k"), block)
 
 
+def _with_header(blob, header: bytes) -> bytes:
+    """The object with its JSON header replaced (padded, correctly checksummed)."""
+    from kvstore.block_format import _PREFIX, MAGIC, FORMAT_VERSION
+    from kvstore.checksum import checksum
+    header_len = _PREFIX.unpack_from(blob)[2]
+    padded = header + b" " * (header_len - len(header))
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, header_len, checksum(padded)) + padded + blob[_PREFIX.size + header_len:]
+
+
 def _blob(codec, key="k", block=None):
     block = torch.ones(codec.shape, dtype=codec.dtype) if block is None else block
     return b"".join(bytes(memoryview(p)) for p in codec.encode(key, block))
@@ -76,6 +85,11 @@ def _blob(codec, key="k", block=None):
     (lambda blob: _blob(BlockCodec("m", torch.float32, (3, 5), num_tokens=4)), "foreign"),
     (lambda blob: _blob(BlockCodec("m", torch.float32, (3, 5)), key="k2"), "foreign"),
     (lambda blob: _blob(BlockCodec("m", torch.float16, (3, 5))), "foreign"),
+    # An aligned header length past the object's end: refused before it sizes a read.
+    (lambda blob: blob[:6] + ((1 << 31) - 18).to_bytes(4, "little") + blob[10:], "truncated"),
+    # A header whose checksum holds but which is not a block header.
+    (lambda blob: _with_header(blob, b"[1, 2]"), "header"),
+    (lambda blob: _with_header(blob, b'{"key": "k"}'), "header"),
 ])
 def test_codec_refuses_damaged_or_foreign_objects(make_bad, reason):
     codec = BlockCodec("m", torch.float32, (3, 5))
