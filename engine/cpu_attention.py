@@ -1,7 +1,7 @@
 """The CPU decode-attention kernel (engine/csrc/paged_decode.cpp), built on first use.
 
 torch's C++ extension loader compiles it once per machine into the kvtier cache
-directory (about a minute); later processes load the built library. Without a
+directory (about 30 s here); later processes load the built library. Without a
 compiler the engine keeps the torch path, and says so.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-STALE_LOCK_S = 600.0  # a build takes about a minute
+STALE_LOCK_S = 600.0  # a build takes about 30 s
 
 
 def _cpu_tag() -> str:
@@ -41,7 +41,7 @@ def load():
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             logger.warning("removing a stale build lock %s", lock)
             lock.unlink(missing_ok=True)
-        logger.info("loading the CPU decode-attention kernel (first build takes about a minute)")
+        logger.info("loading the CPU decode-attention kernel (the first build takes about 30 s)")
         return cpp_extension.load(
             name="kvtier_paged_decode", sources=[str(SOURCE)], build_directory=str(build),
             extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],

@@ -1,6 +1,6 @@
 """Linear layers. On the CPU the weights are prepacked once into oneDNN's blocked
-layout: at decode batch sizes that runs the model's GEMMs 1.3-2.5x faster than
-F.linear on the plain row-major weight, which is repacked on every call."""
+layout. Measured here: the model's GEMMs run 1.7x faster than F.linear on the
+plain row-major weight at 32 rows (decode), 1.3x at 2048 (prefill)."""
 from __future__ import annotations
 
 import logging
