@@ -109,7 +109,8 @@ class Tier(ABC):
         found = self._guard(self._get, [False] * len(keys), keys, out)
         hits = sum(found)
         self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
-        return [out[i] if ok else None for i, ok in enumerate(found)]
+        views = out.unbind(0) if isinstance(out, torch.Tensor) else out
+        return [view if ok else None for view, ok in zip(views, found)]
 
     def put(self, keys: Sequence[str], tensors) -> int:
         """Store blocks (a [n, *block_shape] tensor or a list); how many were written."""

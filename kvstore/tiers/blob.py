@@ -17,6 +17,7 @@ from datetime import datetime
 import torch
 
 from ..block_format import BlockCodec, CorruptBlockError, encoded_size
+from ..buffers import rows_of
 from .base import Health, Tier
 from .capacity import CapacityIndex
 
@@ -158,7 +159,8 @@ class BlobTier(Tier):
             return written
         try:
             self._evict(victims)
-            encoded = _Encoded(self.codec.encode, [(keys[i], tensors[i]) for i in chosen], self._encoders)
+            rows = rows_of(tensors)  # byte arrays made here: no torch calls on the encoder threads
+            encoded = _Encoded(self.codec.encode, [(keys[i], rows[i]) for i in chosen], self._encoders)
             errors = self.backend.write([keys[i] for i in chosen], encoded)
         except BaseException:
             self._settle([keys[i] for i in chosen], [True] * len(chosen))
@@ -247,10 +249,11 @@ class BlobTier(Tier):
         """Verified reads: which keys were found whole, and which were corrupt."""
         found = [False] * len(keys)
         corrupt: list[str] = []
+        rows = rows_of(out)  # byte arrays made here: no torch calls on the I/O threads
 
         def sink(i: int, reader, size: int) -> None:
             try:
-                self.codec.read_into(reader, size, keys[i], out[i])
+                self.codec.read_into(reader, size, keys[i], rows[i])
                 found[i] = True
             except CorruptBlockError as error:
                 logger.warning("tier %s: dropping %s: %s", self.name, keys[i], error)

@@ -101,3 +101,37 @@ def test_codec_refuses_damaged_or_foreign_objects(make_bad, reason):
 def test_codec_refuses_to_encode_a_block_of_another_shape():
     with pytest.raises(ValueError):
         BlockCodec("m", torch.float32, (3, 5)).encode("k", torch.ones(5, 3))
+
+
+def test_header_is_json_and_a_reordered_header_still_reads():
+    """The writer's header is exactly json.dumps of its fields (the reader compares
+    bytes first); a header with the same fields in another order takes the JSON path."""
+    import json
+
+    codec = BlockCodec("m", torch.float32, (3, 5), num_tokens=5)
+    block = torch.randn(3, 5)
+    blob = _blob(codec, block=block)
+    header_len = 4096 - 18
+    header = json.loads(blob[18:18 + header_len])
+    assert blob[18:18 + header_len].rstrip(b" ") == json.dumps(header).encode()
+    reordered = json.dumps(dict(reversed(list(header.items())))).encode()
+    assert bit_equal(codec.decode(_with_header(blob, reordered), "k"), block)
+    bad_digits = json.dumps({**header, "checksum": "z" * 16}).encode()
+    with pytest.raises(CorruptBlockError) as caught:
+        codec.decode(_with_header(blob, bad_digits), "k")
+    assert caught.value.reason == "checksum"
+
+
+def test_codec_reads_and_writes_byte_arrays_over_a_block():
+    from kvstore.buffers import byte_view
+
+    codec = BlockCodec("m", torch.bfloat16, (3, 5))
+    block = torch.randn(3, 5).to(torch.bfloat16)
+    blob = b"".join(bytes(memoryview(p)) for p in codec.encode("k", byte_view(block)))
+    assert blob == _blob(codec, block=block)
+    out = torch.empty(3, 5, dtype=torch.bfloat16)
+    import io
+    codec.read_into(io.BytesIO(blob), len(blob), "k", byte_view(out))
+    assert bit_equal(out, block)
+    with pytest.raises(ValueError):
+        codec.encode("k", byte_view(block)[:-1])
