@@ -9,11 +9,13 @@ or a URL: {"type": "obj", "url": "gs://bucket/prefix"}.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fsspec.asyn import sync
 from pydantic import PositiveInt, SecretStr, model_validator
@@ -39,7 +41,12 @@ class ObjSpec(TierSpec):
     project: str | None = None  # GCS
     token: str | None = None  # GCS: "anon", "google_default", a key file...
     max_bytes: PositiveInt | None = None  # bound the bucket's use; lists it on start
-    concurrency: PositiveInt = 8
+    # Requests in flight. None: 8 for a remote store, where latency is what
+    # concurrency hides; for a server on this machine (MinIO beside the engine,
+    # a test emulator) no more than its cores, which it shares with us. Against
+    # moto on 2 cores, 8 in flight read 11.8 MB blocks at 0.78-0.86 of one-by-one
+    # boto3 and 2 in flight at 1.03-1.08.
+    concurrency: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _location(self):
@@ -69,6 +76,14 @@ class ObjSpec(TierSpec):
             return self.endpoint_override
         return f"{self.scheme}://{self.endpoint_override}"
 
+    def in_flight(self) -> int:
+        if self.concurrency:
+            return self.concurrency
+        host = urlsplit(self.endpoint_url).hostname if self.endpoint_url else None
+        if host in ("localhost", "127.0.0.1", "::1"):
+            return min(8, max(2, os.cpu_count() or 2))
+        return 8
+
     def filesystem(self):
         secret = lambda value: value.get_secret_value() if value else None  # noqa: E731
         if self.provider == "gcs":
@@ -97,7 +112,7 @@ class ObjSpec(TierSpec):
 
     def build(self, ctx: TierContext) -> BlobTier:
         fetch = fetch_s3_chunks if self.provider == "s3" else fetch_whole
-        backend = ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.concurrency,
+        backend = ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.in_flight(),
                                      timeout_s=self.timeout_s)
         policy = ctx.policy_factory(self.eviction_policy) if self.max_bytes else None
         return BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,

@@ -17,6 +17,22 @@ def test_the_vllm_obj_json_is_understood():
     assert "sk" not in repr(spec)  # secrets stay out of logs
 
 
+@pytest.mark.parametrize("fields, in_flight", [
+    ({"endpoint_override": "minio:9000"}, 8),
+    ({"endpoint_override": "https://s3.example.com"}, 8),
+    ({}, 8),
+    ({"endpoint_override": "127.0.0.1:9000"}, "cores"),
+    ({"endpoint_override": "http://localhost:9000"}, "cores"),
+    ({"endpoint_override": "127.0.0.1:9000", "concurrency": 5}, 5),
+])
+def test_obj_requests_in_flight_follow_where_the_store_runs(fields, in_flight):
+    """A store on this machine shares its cores: no more requests in flight than them."""
+    import os
+
+    spec = parse_tier_spec({"type": "obj", "bucket": "b", **fields})
+    assert spec.in_flight() == (min(8, max(2, os.cpu_count() or 2)) if in_flight == "cores" else in_flight)
+
+
 @pytest.mark.parametrize("fields, provider, root", [
     ({"url": "gs://bucket/some/prefix/"}, "gcs", "bucket/some/prefix"),
     ({"bucket": "gs://bucket"}, "gcs", "bucket"),
@@ -83,3 +99,30 @@ def test_a_bounded_obj_tier_evicts_and_rebuilds_from_the_bucket(make_tier, spec_
     second = make_tier(spec)
     assert second.usage()["blocks"] == 2
     assert second.exists(keys[1:]) == 2
+
+
+def test_redis_cuts_large_blocks_into_pieces_and_a_lost_piece_is_a_miss(make_tier, redis_srv, monkeypatch):
+    """Blocks over MAX_PIECE go in near-equal pieces under one hash slot, the
+    header piece under the block's own key. Redis as a cache may evict one piece
+    of a block: that block must read as a miss, never as other bytes."""
+    import kvstore.tiers.redis as redis_tier
+    from kv_helpers import bit_equal
+
+    monkeypatch.setattr(redis_tier, "MAX_PIECE", 1500)
+    tier = make_tier("redis")
+    keys, blocks = block_keys(2), random_blocks(2)
+    assert tier.put(keys, blocks) == 2
+    client = redis.Redis.from_url(redis_srv.url)
+    size = tier.codec.encoded_size(keys[0])
+    pieces = tier.backend._keys(keys[0], size)
+    assert len(pieces) == -(-size // 1500) > 1
+    assert all(client.exists(piece) for piece in pieces)
+    assert client.getrange(pieces[0], 0, 3) == b"KVTB"
+    assert {client.strlen(piece) for piece in pieces} <= {size // len(pieces), size // len(pieces) + 1}
+    got = tier.get(keys)
+    assert all(bit_equal(a, b) for a, b in zip(got, blocks))
+
+    client.delete(pieces[2])
+    got = tier.get(keys)
+    assert got[0] is None and bit_equal(got[1], blocks[1])
+    assert not any(client.exists(piece) for piece in pieces)  # what was left of it is removed
