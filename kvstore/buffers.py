@@ -60,9 +60,9 @@ def _runs(dst_rows: Sequence[int], src_rows: Sequence[int]):
 
 def rows_of(blocks) -> np.ndarray | list[np.ndarray]:
     """Byte rows of a [n, ...] tensor, or of a list of block tensors."""
-    if isinstance(blocks, torch.Tensor):
+    if isinstance(blocks, torch.Tensor) and blocks.is_contiguous():
         return byte_rows(blocks)
-    return [byte_view(block) for block in blocks]
+    return [byte_view(block) for block in blocks]  # each block contiguous on its own
 
 
 def copy_rows(dst, dst_rows: Sequence[int], src, src_rows: Sequence[int]) -> None:

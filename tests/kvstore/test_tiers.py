@@ -101,3 +101,15 @@ def test_damaged_object_is_a_counted_miss_and_is_removed(make_tier, kind, damage
     assert tier.stats.corrupt == 1
     assert tier.backend.exists([keys[1]]) == 0  # dropped from the tier
     assert tier.exists(keys) == 1
+
+
+@pytest.mark.parametrize("kind", ["cpu", "fs", "redis"])
+def test_blocks_contiguous_one_by_one_are_enough(make_tier, kind):
+    """Every other block of a batch: a view that is not contiguous as a whole."""
+    tier = make_tier(kind)
+    keys, blocks = block_keys(2), random_blocks(4)[::2]
+    assert not blocks.is_contiguous() and blocks[0].is_contiguous()
+    assert tier.put(keys, blocks) == 2
+    out = torch.zeros(4, *blocks.shape[1:])[::2]
+    assert all(bit_equal(a, b) for a, b in zip(tier.get(keys, out), blocks))
+    assert all(bit_equal(a, b) for a, b in zip(out, blocks))
