@@ -25,9 +25,8 @@ import json
 import struct
 from collections.abc import Sequence
 
-import torch
-
 import numpy as np
+import torch
 
 from .buffers import byte_view
 from .checksum import checksum, running_checksum

@@ -5,9 +5,9 @@ A block of up to 3 MiB is one string. A larger one is cut into near-equal
 pieces stored under "{key}", "{key}#1", ... (one hash slot). Redis's allocator
 maps and unmaps every value of 8 MiB and more page by page (jemalloc's
 oversize threshold), which made a SET of an 11.8 MB block 2-3x slower than its
-pieces; and a GET of a 5.9 MB value took 17-19 ms for 4 blocks where pieces of
-3 MB took 12-16 ms (Redis 7.0 copies a reply into one buffer of its size). A
-hash would copy every field on HSET. (All measured here.) The first piece,
+pieces; and GETs of four 5.9 MB values took 17-19 ms where the same blocks
+in 3 MB pieces took 12-16 ms. A hash would copy every field on HSET. (All
+measured here, Redis 7.0.) The first piece,
 which holds the header, is written last: a reader that finds it finds the
 whole block. A piece lost on its own (an LRU eviction) makes the block short:
 a miss.
