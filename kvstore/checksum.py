@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import xxhash
 
-NAME = "xxh3-64"
-
 
 def checksum(data) -> int:
     """XXH3-64 of any C-contiguous buffer (bytes, memoryview, numpy array)."""
