@@ -36,6 +36,12 @@ class KVGroupLayout:
     layers: tuple[int, ...]
     sliding_window: int | None  # None: full attention
 
+    def needed_from(self, boundary: int) -> int:
+        """First token whose KV a query at position `boundary` attends to (HF's
+        window: keys boundary-W+1 .. boundary). The engine's table holds the
+        null block for every device block before it."""
+        return 0 if self.sliding_window is None else max(0, boundary - self.sliding_window + 1)
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -68,6 +74,18 @@ class ConnectorMetadata:
     """Opaque to the engine: passed from the scheduler side to the worker side."""
 
 
+@dataclass
+class FinishedTransfers:
+    """What finished since the last step, handed over in one piece so that a
+    load's failures always arrive with the load itself."""
+    sent: set[str] = field(default_factory=set)  # requests whose held blocks may be freed
+    # Requests whose loads ended -> device blocks that did not land (empty: all did).
+    loaded: dict[str, set[int]] = field(default_factory=dict)
+    # Failed device blocks not tied to a request (connectors written to vLLM's
+    # two-call API): the scheduler matches them to the loading requests' tables.
+    unattributed_failed_blocks: set[int] = field(default_factory=set)
+
+
 class KVConnectorBase(ABC):
     def __init__(self, config: KVTransferConfig, layout: KVLayout):
         self.config = config
@@ -76,9 +94,13 @@ class KVConnectorBase(ABC):
 
     # -- scheduler side ----------------------------------------------------
     @abstractmethod
-    def get_num_new_matched_tokens(self, request: ConnectorRequest, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: ConnectorRequest,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond `num_computed_tokens` this connector can supply, and
-        whether they arrive asynchronously (the request then waits for them)."""
+        whether they arrive asynchronously (the request then waits for them).
+        None: the answer is not known yet (a lookup is in flight); the scheduler
+        asks again on a later step and runs other requests meanwhile. Must not
+        wait on I/O."""
 
     @abstractmethod
     def update_state_after_alloc(self, request: ConnectorRequest, block_ids: list[list[int]],
@@ -90,7 +112,10 @@ class KVConnectorBase(ABC):
         """Everything the worker side needs for this step (loads to start, blocks to save)."""
 
     def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
-        """True to keep the request's blocks until get_finished reports it sent."""
+        """Called once for every request that ends, however it ends (finished,
+        aborted, failed, aborted mid-load): drop what is kept for it. True to
+        keep its blocks until take_finished reports it sent. A load still in
+        flight for it must still be reported by take_finished."""
         return False
 
     def take_events(self) -> list:
@@ -116,12 +141,21 @@ class KVConnectorBase(ABC):
         """The forward pass is done: the step's new blocks may be read now. Must not
         hold the step loop for the store itself."""
 
-    @abstractmethod
+    def take_finished(self, finished_req_ids: set[str]) -> FinishedTransfers:
+        """Everything finished since the last call, in one hand-over: a load's
+        failed blocks come with the load itself, never a step apart. This default
+        serves connectors written to vLLM's two calls below; kvtier's own
+        connectors report per request."""
+        sent, received = self.get_finished(finished_req_ids)
+        failed = self.get_block_ids_with_load_errors()
+        return FinishedTransfers(set(sent), {rid: set() for rid in received}, set(failed))
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        """(requests whose held blocks may be freed now, requests whose loads finished)."""
+        """vLLM's call: (requests whose held blocks may be freed now, requests whose loads finished)."""
+        return set(), set()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        """Device blocks whose load failed since the last call: their tokens are recomputed."""
+        """vLLM's call: device blocks whose load failed since the last call."""
         return set()
 
     # -- introspection -----------------------------------------------------

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from connectors.base import ConnectorMetadata, ConnectorRequest, KVConnectorBase, KVLayout, StepPlan
+from connectors.base import (ConnectorMetadata, ConnectorRequest, FinishedTransfers, KVConnectorBase, KVLayout,
+                             StepPlan)
 from connectors.config import KVTransferConfig, parse_kv_transfer_config
 
 
@@ -39,9 +40,12 @@ class MultiConnector(KVConnectorBase):
         self._chosen: dict[str, int] = {}   # request -> the connector its hit loads from
         self._holding: dict[str, set[int]] = {}  # request -> connectors still reading its blocks
 
-    def get_num_new_matched_tokens(self, request: ConnectorRequest, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: ConnectorRequest,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
         for i, c in enumerate(self.connectors):
             tokens, is_async = c.get_num_new_matched_tokens(request, num_computed_tokens)
+            if tokens is None:
+                return None, False  # the first that may have it has not answered yet
             if tokens > 0:
                 self._chosen[request.request_id] = i
                 return tokens, is_async
@@ -55,11 +59,10 @@ class MultiConnector(KVConnectorBase):
             c.update_state_after_alloc(request, block_ids, num_external_tokens if i == chosen else 0)
 
     def build_connector_meta(self, plan: StepPlan) -> MultiMetadata:
-        for rid in plan.finished_req_ids:
-            self._chosen.pop(rid, None)
         return MultiMetadata([c.build_connector_meta(plan) for c in self.connectors])
 
     def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
+        self._chosen.pop(request.request_id, None)
         holding = {i for i, c in enumerate(self.connectors) if c.request_finished(request, block_ids)}
         if holding:
             self._holding[request.request_id] = holding
@@ -89,22 +92,21 @@ class MultiConnector(KVConnectorBase):
         for c, m in zip(self.connectors, metadata.parts):
             c.wait_for_save(m)
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
-        sent, received = set(), set()
+    def take_finished(self, finished_req_ids: set[str]) -> FinishedTransfers:
+        out = FinishedTransfers()
         for i, c in enumerate(self.connectors):
-            s, r = c.get_finished(finished_req_ids)
-            received |= r
-            for rid in s:
+            part = c.take_finished(finished_req_ids)
+            for rid, failed in part.loaded.items():
+                out.loaded.setdefault(rid, set()).update(failed)
+            out.unattributed_failed_blocks |= part.unattributed_failed_blocks
+            for rid in part.sent:
                 holding = self._holding.get(rid)
                 if holding is not None:
                     holding.discard(i)
                     if not holding:
                         del self._holding[rid]
-                        sent.add(rid)
-        return sent, received
-
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        return set().union(*(c.get_block_ids_with_load_errors() for c in self.connectors))
+                        out.sent.add(rid)
+        return out
 
     def stats(self) -> dict[str, dict[str, float]]:
         out = {}

@@ -14,9 +14,11 @@ import torch
 
 
 class StagingBuffers:
-    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, keep_bytes: int = 512 << 20) -> None:
+    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, keep_bytes: int = 512 << 20,
+                 pin: bool = False) -> None:
         self.block_shape = block_shape
         self.dtype = dtype
+        self.pin = pin  # pinned host memory: the device pool is on CUDA
         self.keep_bytes = keep_bytes  # free buffers kept up to this size in all; the smallest go first
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
@@ -29,7 +31,12 @@ class StagingBuffers:
                 return self._free.pop(min(fitting, key=lambda i: self._free[i].shape[0]))
         # Rounded up to a power of two: a conversation's loads grow turn by turn,
         # and each new size would otherwise be a new buffer.
-        return torch.empty((1 << (n - 1).bit_length(), *self.block_shape), dtype=self.dtype)
+        return torch.empty((1 << (n - 1).bit_length(), *self.block_shape), dtype=self.dtype, pin_memory=self.pin)
+
+    @property
+    def rows_per_block(self) -> int:
+        """Pages (device blocks) in one offload block."""
+        return self.block_shape[0]
 
     def release(self, buffer: torch.Tensor) -> None:
         with self._lock:

@@ -1,5 +1,11 @@
 """The engine behind the server: the step loop runs on its own thread and hands
-outputs to asyncio consumers; no coroutine ever waits on a model step."""
+outputs to asyncio consumers; no coroutine ever waits on a model step.
+
+Each request's stream holds the deltas its consumer has not read yet, merged
+into one: a slow client costs at most what was generated for it. If the
+engine thread ever dies, every stream ends with an error, new requests are
+refused and is_healthy() says so.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +16,56 @@ from typing import AsyncIterator
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
 logger = logging.getLogger("kvtier.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped: nothing more will be served."""
+
+
+def merge_delta(pending: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """One delta covering `pending` then `new`."""
+    choices = {c.index: c for c in pending.outputs}
+    for c in new.outputs:
+        old = choices.get(c.index)
+        if old is None:
+            choices[c.index] = c
+            continue
+        choices[c.index] = CompletionOutput(
+            index=c.index, text=old.text + c.text, token_ids=old.token_ids + c.token_ids,
+            cumulative_logprob=c.cumulative_logprob,
+            logprobs=None if c.logprobs is None else (old.logprobs or []) + c.logprobs,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason, text_offset=old.text_offset)
+    new.outputs = [choices[i] for i in sorted(choices)]
+    return new
+
+
+class _Stream:
+    """What the engine made for one request that its consumer has not taken."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ready = asyncio.Event()  # set and waited on the loop's thread only
+        self._lock = threading.Lock()
+        self._pending: RequestOutput | BaseException | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """From the engine thread."""
+        with self._lock:
+            if isinstance(self._pending, RequestOutput) and isinstance(item, RequestOutput):
+                item = merge_delta(self._pending, item)
+            if not isinstance(self._pending, BaseException):
+                self._pending = item
+        self.loop.call_soon_threadsafe(self.ready.set)
+
+    def take(self) -> RequestOutput | BaseException | None:
+        with self._lock:
+            item, self._pending = self._pending, None
+        return item
 
 
 class AsyncLLMEngine:
@@ -25,11 +76,13 @@ class AsyncLLMEngine:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._closed = False  # no more requests: the engine thread is gone or going
         self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._loop, name="kvtier-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -38,16 +91,23 @@ class AsyncLLMEngine:
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas: each output carries what is new since the previous one."""
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(loop)
         added = loop.create_future()
-        with self._lock:
-            self._streams[request_id] = (loop, q)
-        self._commands.put(("add", (request_id, prompt, sampling_params, cache_salt), added, loop))
+        with self._lock:  # under the lock: _fail_all then sees the request, or we see it has run
+            if self._closed:
+                raise EngineDeadError("the engine has stopped")
+            self._streams[request_id] = stream
+            self._commands.put(("add", (request_id, prompt, sampling_params, cache_salt, "delta"), added, loop))
         try:
             await added  # raises the engine's RequestError before anything is yielded
             while True:
-                item = await q.get()
+                await stream.ready.wait()
+                stream.ready.clear()
+                item = stream.take()
+                if item is None:
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -63,7 +123,7 @@ class AsyncLLMEngine:
         self._commands.put(("abort", request_id, None, None))
 
     def is_healthy(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and not self._closed
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -80,14 +140,24 @@ class AsyncLLMEngine:
         if kind == "add":
             try:
                 self.engine.add_request(*arg)
-            except Exception as e:  # surfaces to the caller of generate()
-                loop.call_soon_threadsafe(_settle, fut, e)
+            except Exception as e:  # a client's mistake: surfaces to the caller of generate()
                 with self._lock:
                     self._streams.pop(arg[0], None)
+                loop.call_soon_threadsafe(_settle, fut, e)
             else:
                 loop.call_soon_threadsafe(_settle, fut, None)
         elif kind == "abort":
             self.engine.abort_request(arg)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # anything outside a step: nothing can be trusted to go on
+            logger.exception("the engine thread died")
+            self._dead = e
+        finally:
+            self._fail_all(EngineDeadError(f"the engine stopped: {self._dead!r}" if self._dead
+                                           else "the engine was shut down"))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -103,25 +173,42 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug must not wedge every client: fail what is in flight
+            except Exception as e:  # a bug in one step must not wedge every client: fail what is in flight
                 logger.exception("engine step failed")
-                self._fail_all(e)
+                self._fail_in_flight(e)
                 continue
             self._stats = self.engine.stats()
             for out in outputs:
                 with self._lock:
-                    target = self._streams.get(out.request_id)
+                    stream = self._streams.get(out.request_id)
                     if out.finished:
                         self._streams.pop(out.request_id, None)
-                if target:
-                    target[0].call_soon_threadsafe(target[1].put_nowait, out)
+                if stream is not None:
+                    stream.put(out)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_in_flight(self, error: Exception) -> None:
         with self._lock:
             streams, self._streams = self._streams, {}
-        for rid, (loop, q) in streams.items():
+        for rid, stream in streams.items():
             self.engine.abort_request(rid)
-            loop.call_soon_threadsafe(q.put_nowait, RuntimeError(f"engine error: {error}"))
+            stream.put(RuntimeError(f"engine error: {error}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Every consumer, and every request still being added, gets `error`."""
+        with self._lock:
+            self._closed = True
+            streams, self._streams = self._streams, {}
+            commands = []
+            while True:
+                try:
+                    commands.append(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+        for stream in streams.values():
+            stream.put(error)
+        for kind, _, fut, loop in commands:
+            if kind == "add":
+                loop.call_soon_threadsafe(_settle, fut, error)
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:

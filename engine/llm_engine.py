@@ -4,18 +4,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
 from engine.attention import paged_attention_fused
 from engine.config import EngineConfig
 from engine.errors import RequestError
-from engine.kv_cache import KVCacheManager, SlidingWindowSpec, build_kv_cache_groups
+from engine.kv_cache import KVCacheManager, build_kv_cache_groups
 from engine.model import CausalLM
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, kv_page_bytes
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.detokenizer import IncrementalDetokenizer
+from engine.output_processor import OutputKind, RequestGroup
+from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -36,22 +37,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-@dataclass
-class RequestGroup:
-    """A client request: n sequences sampled from one prompt."""
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    children: list[Request]
-    texts: list[str]
-    stop_texts: list[int | str | None]
-
-    @property
-    def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
 
 
 class LLMEngine:
@@ -157,7 +142,7 @@ class LLMEngine:
         return None, list(prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, output_kind: OutputKind = "cumulative") -> None:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize(prompt)
@@ -168,7 +153,7 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                 f"{len(ids)} tokens (max_model_len leaves no room to generate).", "prompt", "context_length_exceeded")
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        needed = self._blocks_needed(len(ids) + max_tokens)
+        needed = self.kv_cache_manager.max_blocks_needed(len(ids) + max_tokens, self.config.max_num_batched_tokens)
         if needed > self.num_blocks - 1:
             raise RequestError(
                 f"the request needs up to {needed} KV cache blocks but the pool holds {self.num_blocks - 1}; "
@@ -179,23 +164,13 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + i
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(child_id, ids, params, max_tokens, self.block_size, cache_salt, seed, eos))
-        group = RequestGroup(request_id, text, ids, params, children, [""] * params.n, [None] * params.n)
+        group = RequestGroup(request_id, text, ids, params, children,
+                             [IncrementalDetokenizer(self.tokenizer, params) for _ in children], output_kind)
         self.requests[request_id] = group
         for child in children:
             self._child_to_group[child.request_id] = group
             self.scheduler.add(child)
         self.prompt_tokens_total += len(ids) * params.n
-
-    def _blocks_needed(self, num_tokens: int) -> int:
-        bs = self.block_size
-        total = 0
-        for g in self.groups:
-            n = -(-num_tokens // bs)
-            if isinstance(g.spec, SlidingWindowSpec):
-                # In-flight: the window plus one prefill chunk, plus a partial block at each end.
-                n = min(n, -(-(g.spec.window + self.config.max_num_batched_tokens) // bs) + 1)
-            total += n
-        return total
 
     def abort_request(self, request_id: str) -> None:
         group = self.requests.pop(request_id, None)
@@ -223,8 +198,8 @@ class LLMEngine:
             self.connector.start_load_kv(meta)
             self.model.connector_meta = meta
         if not sched.scheduled:
-            if self.scheduler.loading and not touched:
-                time.sleep(0.001)  # only tier loads in flight: wait for them without spinning
+            if self.scheduler.waiting_on_tiers and not touched:
+                time.sleep(0.001)  # only tier lookups or loads in flight: wait without spinning
             return self._finish_outputs(touched)
         tokens, logprobs = self.runner.execute(sched)
         if self.connector is not None:
@@ -239,7 +214,7 @@ class LLMEngine:
             self.generation_tokens_total += 1
             req.check_token_stop()
             group = self._child_to_group[req.request_id]
-            self._check_stop_strings(group, req)
+            group.on_token(req)
             if req.is_finished:
                 self.scheduler.finish(req, req.status)
             touched[group.request_id] = group
@@ -253,61 +228,13 @@ class LLMEngine:
                          for s in sched.scheduled], sched.finished_req_ids)
 
     def _finish_outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
-        outputs = [self._make_output(g) for g in touched.values()]
+        outputs = [out for g in touched.values() if (out := g.output()) is not None]
         for g in touched.values():
             if g.finished:
                 self.requests.pop(g.request_id, None)
                 for c in g.children:
                     self._child_to_group.pop(c.request_id, None)
         return outputs
-
-    def _check_stop_strings(self, group: RequestGroup, req: Request) -> None:
-        idx = group.children.index(req)
-        p = group.params
-        ids = req.output_token_ids
-        stopped_by_token = req.status == RequestStatus.FINISHED_STOPPED
-        if stopped_by_token and not p.include_stop_str_in_output:
-            ids = ids[:-1]  # EOS or a stop token is not part of the text
-        text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
-        if p.stop and not stopped_by_token:
-            for stop in p.stop:
-                # Only the newly decoded tail can complete a stop string.
-                at = text.find(stop, max(0, len(group.texts[idx]) - len(stop)))
-                if at >= 0:
-                    text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    req.status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-                    break
-        group.texts[idx] = text
-
-    def _make_output(self, group: RequestGroup) -> RequestOutput:
-        outs = []
-        for i, c in enumerate(group.children):
-            outs.append(CompletionOutput(
-                index=i, text=group.texts[i], token_ids=list(c.output_token_ids),
-                cumulative_logprob=c.cumulative_logprob if group.params.logprobs is not None else None,
-                logprobs=list(c.output_logprobs) if group.params.logprobs is not None else None,
-                finish_reason=c.status.value if c.is_finished else None, stop_reason=c.stop_reason))
-        cached = max(0, group.children[0].num_cached_tokens)
-        errors = [c.stop_reason for c in group.children if c.status == RequestStatus.FINISHED_ERROR]
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished, cached,
-                             error=errors[0] if errors else None, metrics=self._metrics(group))
-
-    @staticmethod
-    def _metrics(group: RequestGroup) -> RequestMetrics:
-        """Over the group's samples (n > 1): the earliest start and first token, the latest
-        token and finish."""
-        kids = group.children
-
-        def pick(choose, name):
-            values = [getattr(c, name) for c in kids if getattr(c, name) is not None]
-            return choose(values) if values else None
-
-        return RequestMetrics(
-            arrival_time=min(c.arrival_time for c in kids),
-            first_scheduled_time=pick(min, "first_scheduled_time"),
-            first_token_time=pick(min, "first_token_time"),
-            last_token_time=pick(max, "last_token_time"),
-            finished_time=pick(max, "finished_time") if group.finished else None)
 
     def shutdown(self) -> None:
         """Stop the connector's background work (pending stores are flushed by it)."""

@@ -15,6 +15,7 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    text_offset: int = 0  # in a delta: where `text` starts in the choice's whole text
 
     @property
     def finished(self) -> bool:

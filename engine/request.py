@@ -42,6 +42,7 @@ class Request:
         self.cumulative_logprob = 0.0
         self.num_computed_tokens = 0
         self.num_external_tokens = 0  # being loaded by the KV connector
+        self.skip_connector = False  # a load of it failed: it computes what is missing instead
         self.num_cached_tokens = -1  # set when first scheduled
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING

@@ -1,18 +1,21 @@
-"""Continuous batching with chunked prefill and block-level preemption.
+"""Continuous batching with chunked prefill, tier loads and preemption.
 
 Every step has a token budget. Running requests go first (a decode costs one
 token, an unfinished prefill continues in chunks), then waiting requests are
-admitted with the longest prefix the device pool holds, extended by what the KV
-connector's tiers hold. Tier hits load in the background: such a request waits
-(WAITING_FOR_REMOTE_KVS) while other requests keep stepping. When the pool runs
-short the newest running request is preempted: its blocks are freed (they stay
-in the prefix cache, and in the connector's tiers) and it resumes later from
-whatever of its prefix is still cached.
+admitted with the longest prefix the device pool holds, extended by what the
+KV connector's tiers hold. A tier lookup still in flight skips the request
+for this step; a tier hit loads in the background while the request waits
+(WAITING_FOR_REMOTE_KVS) and other requests keep stepping. No step waits on
+a tier.
+
+When the pool runs short the newest running request is preempted: its blocks
+are freed (they stay in the prefix cache, and in the connector's tiers) and
+it resumes later from whatever of its prefix is still cached, recomputing
+the rest.
 """
 from __future__ import annotations
 
 import time
-
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,7 +24,9 @@ from engine.request import Request, RequestStatus
 
 
 @dataclass
-class ScheduledRequest:
+class ScheduledChunk:
+    """One request's share of a step: `num_new_tokens` computed after its
+    `num_computed_tokens`."""
     request: Request
     num_new_tokens: int
 
@@ -34,10 +39,10 @@ class ScheduledRequest:
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    scheduled: list[ScheduledChunk] = field(default_factory=list)
     num_preempted: int = 0
     finished_req_ids: set[str] = field(default_factory=set)
-    failed: list[Request] = field(default_factory=list)  # ended by a failed KV load
+    failed: list[Request] = field(default_factory=list)  # ended here: a failed KV load, or can never fit
 
     @property
     def total_tokens(self) -> int:
@@ -56,9 +61,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.loading: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KVS
-        self.held: dict[str, Request] = {}     # finished, blocks still read by a store
+        self.held: dict[str, Request] = {}     # finished, blocks still read by a connector
+        self.num_asking: int = 0               # waiting on a tier lookup after the last schedule()
         self.num_preemptions_total = 0
+        self.num_failed_loads_total = 0  # tier loads that did not land whole (failed or past their deadline)
         self._finished_ids: set[str] = set()
+        self._unattributed_failures: set[int] = set()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -66,14 +74,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading)
 
+    @property
+    def waiting_on_tiers(self) -> bool:
+        """Nothing to compute for now, only tier lookups or loads to wait for."""
+        return bool(self.loading or self.num_asking)
+
     # -- planning ----------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
         if self.connector is not None:
-            self._collect_connector_results(out)
-        budget = self.max_num_batched_tokens
+            self._collect_transfers(out)
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        # Admitting new work right after preempting would only thrash the pool.
+        if not out.num_preempted:
+            self._schedule_waiting(out, budget)
+        out.finished_req_ids |= self._finished_ids  # requests this very call ended
+        self._finished_ids = set()
+        return out
 
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -87,110 +107,174 @@ class Scheduler:
                     break
             if num_new == 0:
                 break
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            out.scheduled.append(ScheduledChunk(req, num_new))
             budget -= num_new
             i += 1
+        return budget
 
-        # Admitting new work right after preempting would only thrash the pool.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.num_preempted:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        asking: list[Request] = []  # their tier lookups are still in flight: ask again next step
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            hit = None
-            num_computed = req.num_computed_tokens  # > 0 only when a tier load just landed
-            if num_computed == 0:
+            if req.num_computed_tokens:  # its tier load landed: it holds its blocks already
+                admitted = self._admit(req, req.num_computed_tokens, budget, out)
+            else:
                 hit = self.kv_cache.find_prefix_hit(req.block_hashes, req.num_tokens)
-                num_computed = hit.num_tokens
-                external, is_async = self._external_hit(req, num_computed)
-                if external:
-                    if not self.kv_cache.allocate_slots(req.request_id, num_computed, external, hit):
+                external, is_async = self._external_hit(req, hit.num_tokens)
+                if external is None:
+                    asking.append(self.waiting.popleft())
+                    continue
+                if external and is_async:
+                    if not self._start_load(req, hit, external):
+                        if self._never_fits(req, out):
+                            continue
                         break
-                    req.num_computed_tokens = num_computed  # the connector loads from here on
-                    req.num_external_tokens = external
-                    self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
-                    self._record_hit(req, num_computed + external)
-                    self._mark_scheduled(req)
-                    self.waiting.popleft()
-                    if is_async:
-                        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
-                        self.loading[req.request_id] = req
-                        continue
-                    self.waiting.appendleft(req)
-                    hit, num_computed = None, num_computed + external
-                    req.num_computed_tokens = num_computed
-            num_new = min(req.num_tokens - num_computed, budget)
-            if not self.kv_cache.allocate_slots(req.request_id, num_computed, num_new, hit):
+                    continue
+                admitted = self._admit(req, hit.num_tokens, budget, out, hit, external)
+            if admitted is None:
+                continue  # ended: it can never fit
+            if not admitted:
                 break
-            self.waiting.popleft()
-            self._record_hit(req, num_computed)
-            self._mark_scheduled(req)
-            req.num_computed_tokens = num_computed
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.scheduled.append(ScheduledRequest(req, num_new))
-            budget -= num_new
-        return out
+            budget -= out.scheduled[-1].num_new_tokens
+        self.waiting.extendleft(reversed(asking))
+        self.num_asking = len(asking)
+
+    def _admit(self, req: Request, num_computed: int, budget: int, out: SchedulerOutput, hit=None,
+               external: int = 0) -> bool | None:
+        """Into the running batch with a chunk of at most `budget`; False when
+        the pool is short, None when the request ended because it never fits."""
+        computed = num_computed + external
+        num_new = min(req.num_tokens - computed, budget)
+        if not self.kv_cache.allocate_slots(req.request_id, num_computed, num_new, hit, external):
+            return None if self._never_fits(req, out) else False
+        self.waiting.popleft()
+        self._mark_scheduled(req)
+        req.num_computed_tokens = num_computed
+        if external:  # loaded by the connector in this very step, before the forward pass
+            self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
+            req.num_computed_tokens = computed
+        self._record_hit(req, computed)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        out.scheduled.append(ScheduledChunk(req, num_new))
+        return True
+
+    def _start_load(self, req: Request, hit, external: int) -> bool:
+        """Blocks for the device hit and the tier hit; the connector loads the
+        latter in the background. False when the pool is short."""
+        if not self.kv_cache.allocate_slots(req.request_id, hit.num_tokens, 0, hit, external):
+            return False
+        self.waiting.popleft()
+        self._mark_scheduled(req)
+        req.num_computed_tokens = hit.num_tokens  # the connector loads from here on
+        req.num_external_tokens = external
+        self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.loading[req.request_id] = req
+        return True
+
+    def _never_fits(self, req: Request, out: SchedulerOutput) -> bool:
+        """The head of the queue found the pool short. If no other request holds
+        a block, waiting cannot help: it ends with an error (True). Waiting
+        requests that hold blocks from a landed load give them back first."""
+        if self.running or self.loading or self.held:
+            return False
+        holders = [r for r in self.waiting if r is not req and r.num_computed_tokens]
+        if holders:
+            for r in holders:  # their loaded blocks stay in the prefix cache
+                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens)
+                self.kv_cache.free(r.request_id)
+                r.num_computed_tokens = 0
+            return False
+        self.waiting.remove(req)
+        req.stop_reason = (f"the request needs more KV cache blocks than the pool's {self.kv_cache.pool.num_blocks - 1}"
+                           " even with nothing else running")
+        self._end(req, RequestStatus.FINISHED_ERROR)
+        out.failed.append(req)
+        return True
 
     @staticmethod
     def _mark_scheduled(req: Request) -> None:
         if req.first_scheduled_time is None:
             req.first_scheduled_time = time.monotonic()
 
-    def _external_hit(self, req: Request, num_computed: int) -> tuple[int, bool]:
-        if self.connector is None:
+    def _external_hit(self, req: Request, num_computed: int) -> tuple[int | None, bool]:
+        if self.connector is None or req.skip_connector:
             return 0, False
         external, is_async = self.connector.get_num_new_matched_tokens(req, num_computed)
+        if external is None:
+            return None, False
         # Always leave the last prompt token to compute: its logits are needed.
-        external = max(0, min(external, req.num_tokens - 1 - num_computed))
-        return external, is_async
+        return max(0, min(external, req.num_tokens - 1 - num_computed)), is_async
 
     def _record_hit(self, req: Request, num_cached: int) -> None:
+        """Cached tokens are counted once, when the request first runs: what was really served."""
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_cached
             self.kv_cache.record_query(req.num_prompt_tokens, num_cached)
 
-    def _collect_connector_results(self, out: SchedulerOutput) -> None:
-        sent, received = self.connector.get_finished(out.finished_req_ids)
-        for rid in sent:
-            req = self.held.pop(rid, None)
-            if req is not None:
+    # -- what the connector finished ---------------------------------------
+    def _collect_transfers(self, out: SchedulerOutput) -> None:
+        done = self.connector.take_finished(out.finished_req_ids)
+        for rid in done.sent:
+            if self.held.pop(rid, None) is not None:
                 self.kv_cache.free(rid)
-        if not received:
-            return
-        failed_blocks = self.connector.get_block_ids_with_load_errors()
-        for rid in received:
+        self._unattributed_failures |= done.unattributed_failed_blocks
+        for rid, failed in done.loaded.items():
             req = self.loading.pop(rid, None)
             if req is None:
                 continue
-            if req.is_finished:  # aborted while loading: the load no longer writes its blocks
+            if req.is_finished:  # ended while loading: the load no longer writes its blocks
                 self.kv_cache.free(rid)
                 continue
-            loaded = req.num_computed_tokens + req.num_external_tokens
-            good = self._tokens_before_first_failed_block(rid, loaded, failed_blocks)
-            if good < loaded:
-                if self.load_failure_policy == "fail":
-                    req.status = RequestStatus.FINISHED_ERROR
-                    req.finished_time = time.monotonic()
-                    req.stop_reason = f"KV load failed for {loaded - good} of {loaded} cached tokens"
-                    self.kv_cache.free(rid)
-                    out.failed.append(req)
-                    continue
-                # Recompute what failed; the cached-token count reports what was really served.
-                req.num_cached_tokens -= loaded - good
-                self.kv_cache.num_hits -= loaded - good
-                loaded = good
+            self._land(req, failed | self._claim_unattributed(rid), out)
+        if not self.loading:
+            self._unattributed_failures.clear()
+
+    def _claim_unattributed(self, rid: str) -> set[int]:
+        if not self._unattributed_failures:
+            return set()
+        mine = {b for table in self.kv_cache.block_ids(rid) for b in table} & self._unattributed_failures
+        self._unattributed_failures -= mine
+        return mine
+
+    def _land(self, req: Request, failed: set[int], out: SchedulerOutput) -> None:
+        rid = req.request_id
+        loaded = req.num_computed_tokens + req.num_external_tokens
+        good = self._tokens_before_first_failed_block(rid, req.num_computed_tokens, loaded, failed)
+        req.num_external_tokens = 0
+        if good == loaded:
             req.num_computed_tokens = loaded
-            req.num_external_tokens = 0
             self.kv_cache.cache_blocks(rid, req.block_hashes, loaded)
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
+            return
+        self.num_failed_loads_total += 1
+        if self.load_failure_policy == "fail":
+            self.kv_cache.free(rid)
+            req.stop_reason = f"KV load failed for {loaded - good} of {loaded} cached tokens"
+            self._end(req, RequestStatus.FINISHED_ERROR)
+            out.failed.append(req)
+            return
+        # Rebuilt from scratch: what did land goes to the prefix cache, every
+        # block is given back, and the request is admitted again as if new (a
+        # fresh device hit, no stale block ahead of it, nothing written into a
+        # shared block). It does not go back to the tiers: it computes the rest.
+        self.kv_cache.cache_blocks(rid, req.block_hashes, good)
+        self.kv_cache.free(rid)
+        req.num_computed_tokens = 0
+        req.skip_connector = True
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
 
-    def _tokens_before_first_failed_block(self, rid: str, loaded: int, failed: set[int]) -> int:
+    def _tokens_before_first_failed_block(self, rid: str, start: int, loaded: int, failed: set[int]) -> int:
         if not failed:
             return loaded
         bs = self.kv_cache.block_size
         good = loaded
         for table in self.kv_cache.block_ids(rid):
-            for i, block_id in enumerate(table[:-(-loaded // bs)]):
-                if block_id in failed:
+            for i in range(start // bs, min(len(table), -(-loaded // bs))):
+                if table[i] in failed:
                     good = min(good, i * bs)
                     break
         return good
@@ -212,17 +296,23 @@ class Scheduler:
             self.kv_cache.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
-        req.status = status
-        req.finished_time = time.monotonic()
-        self._finished_ids.add(req.request_id)
-        if req.request_id in self.loading:
-            return  # its blocks are freed when the load lands
+        """End a request (stopped, aborted); its blocks go back now, or once
+        its load or the connector's reads of them are done."""
+        loading = req.request_id in self.loading
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self._end(req, status, free=not loading)
+
+    def _end(self, req: Request, status: RequestStatus, free: bool = True) -> None:
+        """The one place a request ends: the connector hears of it whichever way it went."""
+        req.status = status
+        req.finished_time = time.monotonic()
+        self._finished_ids.add(req.request_id)
         if self.connector is not None and self.connector.request_finished(
-                req, self.kv_cache.block_ids(req.request_id)):
+                req, self.kv_cache.block_ids(req.request_id)) and free:
             self.held[req.request_id] = req
             return
-        self.kv_cache.free(req.request_id)
+        if free:
+            self.kv_cache.free(req.request_id)

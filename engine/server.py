@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import protocol as p
+from engine.async_engine import EngineDeadError, merge_delta
 from engine.errors import RequestError
 from engine.metrics import make_registry, render
 from engine.outputs import RequestOutput
@@ -85,6 +86,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, e: StarletteHTTPException):
         return error_response(APIError(e.status_code, str(e.detail)))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, e: EngineDeadError):
+        return error_response(APIError(503, "the engine is not running", type="service_unavailable"))
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
         logger.exception("unhandled error")
@@ -108,7 +113,7 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-# -- from cumulative outputs to deltas ------------------------------------------
+# -- from the engine's deltas to choices ----------------------------------------
 
 @dataclass
 class ChoiceDelta:
@@ -123,48 +128,25 @@ class ChoiceDelta:
     first: bool
 
 
-class DeltaTracker:
-    def __init__(self, stop: list[str]):
-        # Text that might still turn out to be the start of a stop string is
-        # held back until it is certain: the engine cuts a matched stop string
-        # out of the text, and what was sent cannot be taken back.
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.done: set[int] = set()
+class ChoiceTracker:
+    """The engine streams deltas (it holds back text that may still become a
+    stop string); this notes which choices have started, and counts tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[int, int] = {}
 
     def update(self, out: RequestOutput) -> list[ChoiceDelta]:
         deltas = []
         for c in out.outputs:
-            if c.index in self.done:
-                continue
-            text_from, tokens_from = self.sent_text.get(c.index, 0), self.sent_tokens.get(c.index, 0)
-            text_to = len(c.text) if c.finished else self._stable_length(c.text)
-            if text_to <= text_from and not c.finished:
-                continue  # its tokens (and logprobs) go out with the text they turn into
-            deltas.append(ChoiceDelta(
-                c.index, c.text[text_from:text_to], c.token_ids[tokens_from:],
-                None if c.logprobs is None else c.logprobs[tokens_from:],
-                c.finish_reason, c.stop_reason, text_from, first=c.index not in self.sent_tokens))
-            self.sent_text[c.index] = max(text_from, text_to)
-            self.sent_tokens[c.index] = len(c.token_ids)
-            if c.finished:
-                self.done.add(c.index)
+            deltas.append(ChoiceDelta(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason,
+                                      c.text_offset, first=c.index not in self.tokens))
+            self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
         return deltas
 
-    def _stable_length(self, text: str) -> int:
-        end = len(text) - self.hold_back
-        # A trailing U+FFFD is an incomplete UTF-8 sequence the next token completes.
-        while end > 0 and text[end - 1] == "\ufffd":
-            end -= 1
-        return end
-
-
-def usage_of(out: RequestOutput) -> p.UsageInfo:
-    prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=out.num_cached_tokens))
+    def usage(self, out: RequestOutput) -> p.UsageInfo:
+        prompt, completion = len(out.prompt_token_ids), sum(self.tokens.values())
+        return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                           prompt_tokens_details=p.PromptTokensDetails(cached_tokens=out.num_cached_tokens))
 
 
 # -- rendering choices, per API --------------------------------------------------
@@ -189,7 +171,8 @@ class _Envelope:
         return dict(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        # As the streamed text has it: incremental decoding does no clean-up of spaces.
+        return self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
 
 class CompletionFormat(_Envelope):
@@ -281,11 +264,12 @@ async def _unless_disconnected(request: Request, work: Awaitable) -> tuple[bool,
     return False, None
 
 
-async def _last(results: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = None
-    async for last in results:
-        pass
-    return last
+async def _whole(results: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Every delta of a request merged into one."""
+    whole = None
+    async for out in results:
+        whole = out if whole is None else merge_delta(whole, out)
+    return whole
 
 
 def _sse(payload: BaseModel, with_usage: bool = False) -> str:
@@ -293,7 +277,7 @@ def _sse(payload: BaseModel, with_usage: bool = False) -> str:
     return f"data: {payload.model_dump_json(exclude=None if with_usage else {'usage'})}\n\n"
 
 
-async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutput, tracker: DeltaTracker,
+async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutput, tracker: ChoiceTracker,
                       fmt: ResponseFormat, include_usage: bool) -> AsyncIterator[str]:
     # aclosing: if the client disconnects, the engine stream is closed at once,
     # which aborts the request in the engine.
@@ -314,7 +298,7 @@ async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutpu
                 error = p.ErrorInfo(message=last.error, type="internal_server_error", code="kv_load_failed")
                 yield _sse(p.ErrorResponse(error=error))
             if include_usage:
-                yield _sse(fmt.chunk(None, usage_of(last)), with_usage=True)
+                yield _sse(fmt.chunk(None, tracker.usage(last)), with_usage=True)
     yield "data: [DONE]\n\n"
 
 
@@ -355,7 +339,7 @@ class OpenAIServing:
     async def _run(self, body: p.GenerationRequest, prompt: str | list[int], fmt: ResponseFormat,
                    raw: Request) -> Response:
         params: SamplingParams = body.sampling_params()
-        tracker = DeltaTracker(params.stop)
+        tracker = ChoiceTracker()
         results = self.engine.generate(prompt, params, fmt.id, cache_salt=body.cache_salt)
         if body.stream:
             # The first output is awaited here, not in the stream, so that the
@@ -365,12 +349,13 @@ class OpenAIServing:
                 return Response(status_code=499)
             return StreamingResponse(_sse_events(results, first, tracker, fmt, body.include_usage),
                                      media_type="text/event-stream")
-        connected, final = await _unless_disconnected(raw, _last(results))
+        connected, final = await _unless_disconnected(raw, _whole(results))
         if not connected:
             return Response(status_code=499)
         if final.error:  # not the client's doing: a KV load failed under kv_load_failure_policy=fail
             return error_response(APIError(500, final.error, type="internal_server_error", code="kv_load_failed"))
-        return JSONResponse(fmt.response(tracker.update(final), usage_of(final)).model_dump())
+        deltas = tracker.update(final)
+        return JSONResponse(fmt.response(deltas, tracker.usage(final)).model_dump())
 
 
 # -- the app ---------------------------------------------------------------------

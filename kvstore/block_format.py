@@ -40,6 +40,13 @@ _PREFIX = struct.Struct("<4sHIQ")
 _ALIGN = 4096
 
 
+# An object that is not of this format version, model or layout is someone
+# else's (another release sharing the tier during a rolling upgrade, another
+# model): a miss, and left where it is. Only our own objects found damaged are
+# removed.
+NOT_OURS = frozenset({"magic", "version", "foreign"})
+
+
 class CorruptBlockError(Exception):
     """A stored object that must not be used; `reason` says why:
     truncated, magic, version, header, foreign or checksum."""
@@ -47,6 +54,11 @@ class CorruptBlockError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+    @property
+    def ours(self) -> bool:
+        """Written by this format version for this model and layout, and damaged since."""
+        return self.reason not in NOT_OURS
 
 
 def _read_exact(reader, n: int) -> bytes:

@@ -37,6 +37,13 @@ def dtype_name(dtype) -> str:
     return str(getattr(dtype, "name", None) or dtype).removeprefix("torch.")
 
 
-def layout_id(dtype, block_size_tokens: int, group_index: int, shape: Sequence[int]) -> str:
+def layout_id(dtype, block_size_tokens: int, group_index: int, shape: Sequence[int],
+              format_version: int | None = None) -> str:
+    """Everything that gives a block's bytes their meaning besides the model:
+    the block-format version, dtype, tokens, KV cache group and shape. Another
+    release's or layout's objects then live under other names: a plain miss."""
+    from .block_format import FORMAT_VERSION
+
     dims = "x".join(str(int(d)) for d in shape)
-    return safe_segment(f"{dtype_name(dtype)}-t{block_size_tokens}-g{group_index}-{dims}")
+    version = FORMAT_VERSION if format_version is None else format_version
+    return safe_segment(f"v{version}-{dtype_name(dtype)}-t{block_size_tokens}-g{group_index}-{dims}")

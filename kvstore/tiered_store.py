@@ -140,6 +140,23 @@ class TieredStore:
                 break
         return found
 
+    def contains(self, keys: Sequence[str], tiers: Iterable[str] | None = None) -> list[bool]:
+        """Per key, whether some allowed tier holds it: one batched call per
+        tier, each asked only for what the tiers above it lack."""
+        keys = list(keys)
+        found = [False] * len(keys)
+        for name in self._allowed(tiers):
+            missing = [i for i, hit in enumerate(found) if not hit]
+            if not missing:
+                break
+            for i, hit in zip(missing, self.tiers[name].contains([keys[i] for i in missing])):
+                found[i] = hit
+        return found
+
+    @property
+    def secondary_tiers(self) -> list[str]:
+        return [name for name in self.tiers if name != "cpu"]
+
     # -- stores ------------------------------------------------------------
 
     def put_async(self, keys: Sequence[str], blocks: torch.Tensor, tiers: Iterable[str] | None = None,

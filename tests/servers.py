@@ -260,3 +260,85 @@ class KvtierServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class DelayingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server's port, for a tier that
+    is slow, not dead: the reply to any request naming one of `commands`
+    (Redis block reads by default; b"GET " for S3 over HTTP) reaches the
+    client `delay_s` late; the rest (lookups, writes) pass at once. `delay_s`
+    may be changed while it runs."""
+
+    def __init__(self, target_port: int, delay_s: float = 1.0, commands: tuple[bytes, ...] = (b"MGET",)) -> None:
+        import threading
+        self.target_port = target_port
+        self.delay_s = delay_s
+        self.commands = commands
+        self.port = free_port()
+        self._listener = socket.create_server((HOST, self.port))
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._spawn(self._accept)
+
+    @staticmethod
+    def _spawn(target, *args) -> None:
+        import threading
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection((HOST, self.target_port), timeout=5)
+                server.settimeout(None)
+            except OSError:  # the server is down: so is the connection through us
+                client.close()
+                continue
+            self._sockets += [client, server]
+            slow_reply = threading.Event()  # set by a request whose reply must wait
+            self._spawn(self._pipe, client, server, slow_reply, False)
+            self._spawn(self._pipe, server, client, slow_reply, True)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, slow_reply, replies: bool) -> None:
+        try:
+            while not self._closed.is_set():
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                if not replies and any(command in data for command in self.commands):
+                    slow_reply.set()
+                elif replies and slow_reply.is_set():
+                    slow_reply.clear()
+                    if self.delay_s:
+                        time.sleep(self.delay_s)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        for s in self._sockets:
+            try:  # shutdown first: close() alone leaves a recv() blocked in another thread
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()

@@ -6,40 +6,21 @@ import pytest
 import torch
 
 from hf_reference import hf_greedy
+from tiny_models import save_tiny
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput
 
 WINDOW = 32
 MAX_NEW = 10
 PROMPT_LENS = [9, 40, 120, 250, 400]
 
 
-def _tiny(kind: str):
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    common = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  sliding_window=WINDOW, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
-                  # A wide init keeps logits peaked, so greedy choices are not near-ties.
-                  initializer_range=0.2)
-    torch.manual_seed(0)
-    if kind == "qwen2-hybrid":
-        cfg = Qwen2Config(use_sliding_window=True, max_window_layers=2,
-                          layer_types=["sliding_attention", "full_attention"] * 2, **common)
-        return Qwen2ForCausalLM(cfg).eval()
-    return MistralForCausalLM(MistralConfig(**common)).eval()
-
-
 @pytest.fixture(scope="module", params=["qwen2-hybrid", "mistral-all-sliding"])
 def tiny_model(request, tmp_path_factory, default_model):
-    path = tmp_path_factory.mktemp(request.param)
-    hf = _tiny(request.param)
-    hf.save_pretrained(path, safe_serialization=True)
-    default_model.tokenizer.save_pretrained(path)
-    loaded = load_model(str(path), torch.float32)
+    hf, loaded = save_tiny(request.param, tmp_path_factory.mktemp(request.param), default_model.tokenizer,
+                           window=WINDOW)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in PROMPT_LENS]
     reference = [hf_greedy(hf, p, MAX_NEW) for p in prompts]
@@ -122,9 +103,8 @@ def test_offloading_stores_and_loads_only_what_each_group_needs(tiny_model):
     expected = 0
     for p in prompts:
         hit = len(p) // 32
-        boundary = min(hit * 32, len(p) - 1)
         for g in llm.engine.groups:
-            needed = connector._needed_offload_blocks(g.index, 0, hit, boundary)
+            needed = connector.blocks.needed(g.index, 0, hit, len(p))
             if type(g.spec).__name__ == "SlidingWindowSpec":
                 assert len(needed) == min(hit, 1)  # a 32-token window lies in the last 32-token block
             expected += len(needed) * block_bytes

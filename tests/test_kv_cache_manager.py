@@ -140,3 +140,24 @@ def test_a_running_request_blocks_are_never_handed_out():
     kv.free("a")
     assert kv.allocate_slots("b", 0, 16)
     assert set(kv.block_ids("b")[0]) == held
+
+
+def test_every_group_takes_its_hit_before_any_group_allocates():
+    """A hit block of one group, waiting at the head of the free queue, must not
+    be handed out as another group's new block first (the same page would then
+    sit in two tables)."""
+    kv = hybrid_manager(window=8, num_blocks=9)  # 8 usable
+    toks = list(range(12))
+    h = hashes_for(toks)
+    assert kv.allocate_slots("a", 0, 12)  # 3 blocks per group: 1-3 full, 4-6 sliding
+    assert kv.allocate_slots("x", 0, 4)  # the other two
+    kv.cache_blocks("a", h, 12)
+    kv.free("a")
+    kv.free("x")  # the queue: 3 2 1 6 5 4 7 8
+    hit = kv.find_prefix_hit(h, 13)
+    assert hit.num_tokens == 12
+    assert kv.allocate_slots("b", 12, 4, hit)
+    tables = kv.block_ids("b")
+    real = [b for table in tables for b in table if b != 0]
+    assert len(real) == len(set(real)), tables
+    assert all(b.ref_cnt <= 1 for b in kv.pool.blocks[1:] if b.block_id in real)

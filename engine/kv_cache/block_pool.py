@@ -54,7 +54,9 @@ class BlockPool:
     def touch(self, blocks: list[KVCacheBlock]) -> None:
         """Take a reference on blocks found by a prefix lookup."""
         for block in blocks:
-            if block.ref_cnt == 0 and not block.is_null:
+            if block.is_null:
+                continue
+            if block.ref_cnt == 0:
                 del self._free[block.block_id]
             block.ref_cnt += 1
 

@@ -54,25 +54,28 @@ class KVCacheManager:
 
     # -- allocation --------------------------------------------------------
     def allocate_slots(self, req_id: str, num_computed_tokens: int, num_new_tokens: int,
-                       hit: PrefixHit | None = None) -> bool:
+                       hit: PrefixHit | None = None, num_external_tokens: int = 0) -> bool:
         """Make room for `num_new_tokens` after `num_computed_tokens` (which
-        include the hit, if any). False, with nothing changed, when the pool is short."""
+        include the device hit, if any) and `num_external_tokens` that a
+        connector loads in between. False, with nothing allocated, when the
+        pool is short."""
+        computed = num_computed_tokens + num_external_tokens
+        total = computed + num_new_tokens
         for mgr in self.managers:
-            mgr.remove_skipped(req_id, num_computed_tokens)
-        total = num_computed_tokens + num_new_tokens
+            mgr.remove_skipped(req_id, computed)
         hit_blocks = hit.blocks if hit else [[] for _ in self.managers]
-        need = 0
-        for mgr, blocks in zip(self.managers, hit_blocks):
-            need += mgr.num_new_blocks(req_id, total, len(blocks))
-            # A hit block nobody holds sits in the free queue: taking it costs a free block.
-            need += sum(1 for b in blocks if b.ref_cnt == 0 and not b.is_null)
+        need = sum(mgr.num_blocks_to_allocate(req_id, computed, total, blocks)
+                   for mgr, blocks in zip(self.managers, hit_blocks))
         if need > self.pool.num_free_blocks:
             return False
         for mgr, blocks in zip(self.managers, hit_blocks):
-            if hit is not None:
-                mgr.add_hit(req_id, blocks)
+            mgr.take_hit(req_id, computed, blocks)
+        for mgr in self.managers:
             mgr.allocate(req_id, total)
         return True
+
+    def holds_blocks(self, req_id: str) -> bool:
+        return any(mgr.req_blocks.get(req_id) for mgr in self.managers)
 
     def cache_blocks(self, req_id: str, block_hashes: list[bytes], num_computed_tokens: int) -> None:
         if self.enable_caching:
@@ -87,10 +90,10 @@ class KVCacheManager:
     def block_ids(self, req_id: str) -> list[list[int]]:
         return [[b.block_id for b in mgr.req_blocks.get(req_id, ())] for mgr in self.managers]
 
-    def max_blocks_for(self, num_tokens: int) -> int:
-        """Blocks one request of `num_tokens` may hold at once, in the worst case."""
-        n = -(-num_tokens // self.block_size)
-        return n * len(self.managers)
+    def max_blocks_needed(self, num_tokens: int, chunk: int) -> int:
+        """The most blocks one request of `num_tokens` holds at once, computing at
+        most `chunk` tokens a step: what admission checks against the pool."""
+        return sum(mgr.max_blocks_needed(num_tokens, chunk) for mgr in self.managers)
 
     @property
     def usage(self) -> float:

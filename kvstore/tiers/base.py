@@ -22,13 +22,16 @@ EvictionHook = Callable[[list[str], list[torch.Tensor]], None]
 
 @dataclass
 class TierStats:
-    lookups: int = 0  # keys asked for, by exists (up to the first miss) and get
-    hits: int = 0
+    lookups: int = 0  # keys asked for by exists (up to the first miss) and contains
+    lookup_hits: int = 0  # ... and found
+    reads: int = 0  # keys asked for by get
+    hits: int = 0  # blocks served by get
     bytes_in: int = 0  # payload bytes written into the tier
     bytes_out: int = 0  # payload bytes read out of it
     puts: int = 0  # blocks stored
     evictions: int = 0
-    corrupt: int = 0  # truncated, corrupt, foreign or other-version objects dropped
+    corrupt: int = 0  # objects of our format version found truncated or damaged, and dropped
+    foreign: int = 0  # objects of another format version, model or layout: misses, left alone
     errors: int = 0
     dropped: int = 0  # blocks not stored: no room, queue full or tier down
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -99,8 +102,17 @@ class Tier(ABC):
     def exists(self, keys: Sequence[str]) -> int:
         """Length of the prefix of `keys` this tier holds."""
         hits = self._guard(self._exists, 0, list(keys))
-        self.stats.add(lookups=min(hits + 1, len(keys)), hits=hits)
+        self.stats.add(lookups=min(hits + 1, len(keys)), lookup_hits=hits)
         return hits
+
+    def contains(self, keys: Sequence[str]) -> list[bool]:
+        """Per key, whether this tier holds it: one batched round trip."""
+        keys = list(keys)
+        if not keys:
+            return []
+        found = self._guard(self._contains, [False] * len(keys), keys)
+        self.stats.add(lookups=len(keys), lookup_hits=sum(found))
+        return found
 
     def get(self, keys: Sequence[str], out: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor | None]:
         keys = list(keys)
@@ -108,7 +120,7 @@ class Tier(ABC):
             out = [torch.empty(self.block_shape, dtype=self.dtype) for _ in keys]
         found = self._guard(self._get, [False] * len(keys), keys, out)
         hits = sum(found)
-        self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
+        self.stats.add(reads=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
         views = out.unbind(0) if isinstance(out, torch.Tensor) else out
         return [view if ok else None for view, ok in zip(views, found)]
 
@@ -162,8 +174,18 @@ class Tier(ABC):
     @abstractmethod
     def _exists(self, keys: list[str]) -> int: ...
 
+    def _contains(self, keys: list[str]) -> list[bool]:
+        # Tiers with a cheaper batched membership test override this.
+        found, start = [False] * len(keys), 0
+        while start < len(keys):
+            n = self._exists(keys[start:])
+            found[start:start + n] = [True] * n
+            start += n + 1
+        return found
+
     @abstractmethod
-    def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]: ...
+    def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]:
+        """Fill out[i] for every hit. Nothing may write into `out` after this returns."""
 
     @abstractmethod
     def _store(self, keys: list[str], tensors) -> list[bool]:

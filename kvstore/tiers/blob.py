@@ -16,8 +16,9 @@ from datetime import datetime
 
 import torch
 
-from ..block_format import BlockCodec, CorruptBlockError, encoded_size
+from ..block_format import BlockCodec, CorruptBlockError
 from ..buffers import rows_of
+from ..fence import WriteFence
 from .base import Health, Tier
 from .capacity import CapacityIndex
 
@@ -51,6 +52,15 @@ class BlobBackend(ABC):
     @abstractmethod
     def exists(self, names: Sequence[str]) -> int:
         """Length of the prefix of `names` that exists."""
+
+    def contains(self, names: Sequence[str]) -> list[bool]:
+        """Per name, whether it exists; backends with a batched test override this."""
+        found, start = [False] * len(names), 0
+        while start < len(names):
+            n = self.exists(names[start:])
+            found[start:start + n] = [True] * n
+            start += n + 1
+        return found
 
     @abstractmethod
     def delete(self, names: Sequence[str]) -> None:
@@ -133,22 +143,37 @@ class BlobTier(Tier):
         self._adopt(keys[held:held + found])
         return held + found
 
+    def _contains(self, keys: list[str]) -> list[bool]:
+        if self._index is None:
+            return self.backend.contains(keys)
+        with self._lock:
+            found = [key in self._index for key in keys]
+        rest = [i for i, hit in enumerate(found) if not hit]
+        if rest:  # another process sharing the store may have written them
+            there = self.backend.contains([keys[i] for i in rest])
+            for i, hit in zip(rest, there):
+                found[i] = hit
+            self._adopt([keys[i] for i, hit in zip(rest, there) if hit])
+        return found
+
     def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]:
         pinned = self._pin(keys)
         try:
-            found, corrupt = self._read_into(keys, out)
+            found, corrupt, foreign = self._read_into(keys, out)
         finally:
             self._unpin(pinned)
         if corrupt:
             self.stats.add(corrupt=len(corrupt))
             self._forget(corrupt)
+        if foreign:
+            self.stats.add(foreign=len(foreign))
         if self._index is not None:
             with self._lock:
                 for key, hit in zip(keys, found):
                     if hit:
                         self._index.touch(key)
                     else:
-                        self._index.remove(key)  # gone behind our back
+                        self._index.remove(key)  # gone behind our back, or not ours to use
             self._adopt([key for key, hit in zip(keys, found) if hit])
         return found
 
@@ -238,29 +263,43 @@ class BlobTier(Tier):
             # Write-back: hand victims down before they are gone (they are
             # no longer indexed, so read them straight from the backend).
             blocks = [torch.empty(self.block_shape, dtype=self.dtype) for _ in victims]
-            found, _ = self._read_into(victims, blocks)
+            found, _, _ = self._read_into(victims, blocks)
             kept = [i for i, hit in enumerate(found) if hit]
             if kept:
                 self.on_evict([victims[i] for i in kept], [blocks[i] for i in kept])
         self.backend.delete(victims)
         self.stats.add(evictions=len(victims))
 
-    def _read_into(self, keys: list[str], out: Sequence[torch.Tensor]) -> tuple[list[bool], list[str]]:
-        """Verified reads: which keys were found whole, and which were corrupt."""
+    def _read_into(self, keys: list[str], out: Sequence[torch.Tensor]) -> tuple[list[bool], list[str], list[str]]:
+        """Verified reads: which keys were found whole, which were ours but
+        damaged, and which were someone else's (another version, model or layout).
+        No backend thread writes into `out` once this returns, even one that
+        outlived a failed or timed-out read."""
         found = [False] * len(keys)
         corrupt: list[str] = []
+        foreign: list[str] = []
         rows = rows_of(out)  # byte arrays made here: no torch calls on the I/O threads
+        fence = WriteFence()
 
         def sink(i: int, reader, size: int) -> None:
-            try:
-                self.codec.read_into(reader, size, keys[i], rows[i])
-                found[i] = True
-            except CorruptBlockError as error:
-                logger.warning("tier %s: dropping %s: %s", self.name, keys[i], error)
-                corrupt.append(keys[i])
+            with fence.writing() as allowed:
+                if not allowed:
+                    return  # the read was given up: the buffer is no longer ours to fill
+                try:
+                    self.codec.read_into(reader, size, keys[i], rows[i])
+                    found[i] = True
+                except CorruptBlockError as error:
+                    if error.ours:
+                        logger.warning("tier %s: dropping %s: %s", self.name, keys[i], error)
+                        corrupt.append(keys[i])
+                    else:
+                        foreign.append(keys[i])
 
-        self.backend.read(keys, sink)
-        return found, corrupt
+        try:
+            self.backend.read(keys, sink)
+        finally:
+            fence.close()
+        return found, corrupt, foreign
 
     def _adopt(self, keys: list[str]) -> None:
         """Index keys found stored but not indexed (another process wrote them).

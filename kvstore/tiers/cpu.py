@@ -85,6 +85,10 @@ class CpuTier(Tier):
         with self._lock:
             return self._index.prefix(keys)
 
+    def _contains(self, keys: list[str]) -> list[bool]:
+        with self._lock:
+            return [key in self._index for key in keys]
+
     def _get(self, keys: list[str], out) -> list[bool]:
         views = self.acquire(keys)
         held = [i for i, view in enumerate(views) if view is not None]
@@ -131,7 +135,7 @@ class CpuTier(Tier):
                     views.append(None)
         if lookup:
             hits = sum(view is not None for view in views)
-            self.stats.add(lookups=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
+            self.stats.add(reads=len(keys), hits=hits, bytes_out=hits * self.block_nbytes)
         return views
 
     def release(self, keys: Sequence[str]) -> None:

@@ -158,6 +158,9 @@ class FsBackend(BlobBackend):
                 return n
         return len(names)
 
+    def contains(self, names: Sequence[str]) -> list[bool]:
+        return [self.fs.exists(self._path(name)) for name in names]
+
     def delete(self, names: Sequence[str]) -> None:
         for name in names:
             self._remove(self._path(name))

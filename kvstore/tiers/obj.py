@@ -218,6 +218,14 @@ class ObjectStoreBackend(BlobBackend):
                 found += 1
         return found
 
+    def contains(self, names: Sequence[str]) -> list[bool]:
+        # Every HEAD of the batch in flight at once (up to `concurrency`): one wave per round trip.
+        results = self._gather([lambda p=self._path(name): self.fs._exists(p) for name in names])
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [bool(result) for result in results]
+
     def delete(self, names: Sequence[str]) -> None:
         if names:
             try:

@@ -20,7 +20,7 @@ read with ReplyReader straight into the destination tensors.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal
 
 import redis as redis_py
@@ -129,8 +129,13 @@ class RedisBackend(BlobBackend):
             finally:
                 self._pool.release(connection)
 
-        for _ in self._threads.map(on_one, shares):
-            pass
+        # Wait for every connection's share before reporting a failure: a share
+        # still running would go on writing into the caller's buffers.
+        futures = [self._threads.submit(on_one, share) for share in shares]
+        wait(futures)
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
 
     def _set_commands(self, name: str, parts: list) -> tuple[list, int]:
         """SET commands for every piece, the first (header) piece last; and their count."""
@@ -190,6 +195,12 @@ class RedisBackend(BlobBackend):
                 break
             found += 1
         return found
+
+    def contains(self, names: Sequence[str]) -> list[bool]:
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self._keys(name, 0)[0])
+        return [bool(hit) for hit in pipe.execute()]
 
     def delete(self, names: Sequence[str]) -> None:
         if names:

@@ -98,3 +98,51 @@ def test_a_tier_that_is_not_there_is_only_misses(spec):
         assert store.get_async(keys, torch.zeros_like(blocks), tiers={name}).result(timeout=30) == 0
         assert store.get_async(keys, torch.zeros_like(blocks)).result(timeout=30) == 2
         assert not store.stats()[name]["healthy"]
+
+
+# -- no writer after a read returns ---------------------------------------------
+
+def _slow_sink_for(tier, key: str, seconds: float) -> None:
+    read_into = tier.codec.read_into
+
+    def slow(reader, size, k, out):
+        if k == key:
+            time.sleep(seconds)
+        return read_into(reader, size, k, out)
+
+    tier.codec.read_into = slow
+
+
+@pytest.mark.parametrize("kind", ["fs", "redis", "s3"])
+def test_nothing_writes_into_a_buffer_after_a_failed_or_timed_out_read_returns(make_tier, kind):
+    from kvstore.tiers.redis import RedisBackend
+
+    extra = {"timeout_s": 0.5} if kind == "s3" else {}
+    tier = make_tier(kind, **extra)
+    keys, blocks = block_keys(4), random_blocks(4)
+    assert tier.put(keys, blocks) == 4
+    _slow_sink_for(tier, keys[3], 1.5)  # one block lands late
+    if kind == "redis":  # ... and another connection of the batch fails meanwhile
+        work = RedisBackend._on_connections
+
+        def one_fails(self, count, fn):
+            def wrapped(connection, positions):
+                if 0 in positions:
+                    raise ConnectionError("connection reset")
+                fn(connection, positions)
+            return work(self, count, wrapped)
+
+        tier.backend._on_connections = one_fails.__get__(tier.backend)
+    elif kind == "fs":
+        real = tier.backend.read
+
+        def read_then_fail(names, sink):
+            real(names, sink)
+            raise OSError("disk went away")
+
+        tier.backend.read = read_then_fail
+    out = torch.zeros_like(blocks)
+    tier.get(keys, out)  # a miss in part or in whole: a timeout, a failed connection, an I/O error
+    snapshot = out.clone()
+    time.sleep(2.0)  # long past the late block's arrival
+    assert torch.equal(out.view(torch.uint8), snapshot.view(torch.uint8)), "a reader wrote after get() returned"

@@ -8,7 +8,7 @@ import torch
 from kv_helpers import bit_equal
 
 from kvstore import layout_id, make_key
-from kvstore.block_format import BlockCodec, CorruptBlockError
+from kvstore.block_format import FORMAT_VERSION, BlockCodec, CorruptBlockError
 from kvstore.checksum import checksum, running_checksum
 
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -36,9 +36,12 @@ def test_keys_tell_tenants_models_and_hashes_apart():
     assert make_key("n" * 300, "m", "L", "h") != make_key("n" * 299 + "o", "m", "L", "h")
 
 
-def test_layout_id_names_dtype_block_group_and_shape():
-    assert layout_id(torch.float16, 256, 1, (30, 2, 256, 3, 64)) == "float16-t256-g1-30x2x256x3x64"
-    assert layout_id("bfloat16", 16, 0, (2,)) == "bfloat16-t16-g0-2"
+def test_layout_id_names_version_dtype_block_group_and_shape():
+    v = f"v{FORMAT_VERSION}"
+    assert layout_id(torch.float16, 256, 1, (30, 2, 256, 3, 64)) == f"{v}-float16-t256-g1-30x2x256x3x64"
+    assert layout_id("bfloat16", 16, 0, (2,)) == f"{v}-bfloat16-t16-g0-2"
+    # Another release's blocks live under other names: a plain miss, never overwritten.
+    assert layout_id("bfloat16", 16, 0, (2,), format_version=FORMAT_VERSION + 1) != layout_id("bfloat16", 16, 0, (2,))
 
 
 def test_checksum_is_xxh3_64_and_streams():

@@ -1,7 +1,6 @@
 """Cache policies (eviction order, protection, loading a user's) and request policies."""
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 

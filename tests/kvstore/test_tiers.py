@@ -71,36 +71,54 @@ def _flip(data: bytes, position: int) -> bytes:
     return data[:position] + bytes([data[position] ^ 0x40]) + data[position + 1:]
 
 
+# Ours, damaged since it was written: a miss, dropped and counted.
 DAMAGE = {
     "truncated": lambda key, block: _encoded(key, block)[:-100],
     "payload bit flip": lambda key, block: _flip(_encoded(key, block), -7),
     "header bit flip": lambda key, block: _flip(_encoded(key, block), 20),
+    "empty": lambda key, block: b"",
+}
+# Someone else's (another release sharing the tier, another model or layout):
+# a miss, left where it is, counted apart.
+FOREIGN = {
     "other model": lambda key, block: _encoded(key, block, fingerprint="model-b"),
     "other key": lambda key, block: _encoded(key + "x", block),
     "other version": lambda key, block: struct.pack("<4sH", b"KVTB", FORMAT_VERSION + 1) + _encoded(key, block)[6:],
-    "garbage": lambda key, block: bytes(range(256)) * 4,
-    "empty": lambda key, block: b"",
+    "not a block": lambda key, block: bytes(range(256)) * 4,
 }
+
+
+def _read_with_one_replaced(tier, make_bytes):
+    keys, blocks = block_keys(3), random_blocks(3)
+    tier.put(keys, blocks)
+    # Overwrite the middle block through the backend itself: the bytes land where a real writer's would.
+    tier.backend.write([keys[1]], [[make_bytes(keys[1], blocks[1])]])
+    out = torch.zeros_like(blocks)
+    got = tier.get(keys, out)
+    assert got[1] is None
+    assert got[0] is not None and got[2] is not None
+    assert bit_equal(out[0], blocks[0]) and bit_equal(out[2], blocks[2])
+    return keys
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 @pytest.mark.parametrize("kind", SECONDARY_KINDS)
 def test_damaged_object_is_a_counted_miss_and_is_removed(make_tier, kind, damage):
     tier = make_tier(kind)
-    keys, blocks = block_keys(3), random_blocks(3)
-    tier.put(keys, blocks)
-    # Overwrite the middle block through the backend itself: the bytes land where a real writer's would.
-    tier.backend.write([keys[1]], [[DAMAGE[damage](keys[1], blocks[1])]])
-
-    out = torch.zeros_like(blocks)
-    got = tier.get(keys, out)
-
-    assert got[1] is None
-    assert got[0] is not None and got[2] is not None
-    assert bit_equal(out[0], blocks[0]) and bit_equal(out[2], blocks[2])
-    assert tier.stats.corrupt == 1
+    keys = _read_with_one_replaced(tier, DAMAGE[damage])
+    assert tier.stats.corrupt == 1 and tier.stats.foreign == 0
     assert tier.backend.exists([keys[1]]) == 0  # dropped from the tier
     assert tier.exists(keys) == 1
+
+
+@pytest.mark.parametrize("foreign", list(FOREIGN))
+@pytest.mark.parametrize("kind", SECONDARY_KINDS)
+def test_someone_elses_object_is_a_miss_left_alone(make_tier, kind, foreign):
+    """A rolling upgrade must not wipe a shared tier: another version's object stays."""
+    tier = make_tier(kind)
+    keys = _read_with_one_replaced(tier, FOREIGN[foreign])
+    assert tier.stats.foreign == 1 and tier.stats.corrupt == 0
+    assert tier.backend.exists([keys[1]]) == 1  # still there, for whoever it belongs to
 
 
 @pytest.mark.parametrize("kind", ["cpu", "fs", "redis"])

@@ -1,0 +1,66 @@
+"""Copies between the device pool and host staging buffers.
+
+On the CPU they are plain batched copies. On CUDA, by construction:
+- every index tensor is made on the pool's device;
+- host buffers are pinned (StagingBuffers(pin=True)), so copies are async DMA;
+- a save gathers on a side stream that first waits for the step's forward
+  pass; the compute stream then waits only for the gather (so the next step
+  cannot overwrite those blocks before they are read), not for the copy to
+  the host, which its own event reports;
+- a load copies host -> device on a side stream and synchronises that stream
+  before the load is reported, so no forward pass reads a block mid-copy.
+(No GPU on the machines this was built on: these paths are exercised only
+where CUDA is present; the CPU paths are what the tests run.)
+"""
+from __future__ import annotations
+
+import torch
+
+
+class DeviceCopier:
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.is_cuda = kv_cache.is_cuda
+        if self.is_cuda:
+            self._save_stream = torch.cuda.Stream(device=self.device)
+            self._load_stream = torch.cuda.Stream(device=self.device)
+
+    def _ids(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
+    def gather(self, block_ids: list[int], out: torch.Tensor):
+        """Copy pool pages `block_ids` into `out` ([len, *page], host). Returns
+        None when `out` is filled, or a CUDA event to wait on before reading it."""
+        ids = self._ids(block_ids)
+        if not self.is_cuda:
+            torch.index_select(self.kv_cache, 0, ids, out=out)
+            return None
+        compute = torch.cuda.current_stream(self.device)
+        self._save_stream.wait_stream(compute)  # the forward pass wrote these pages
+        with torch.cuda.stream(self._save_stream):
+            pages = self.kv_cache.index_select(0, ids)
+            gathered = torch.cuda.Event()
+            gathered.record(self._save_stream)
+            out.copy_(pages, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._save_stream)
+            pages.record_stream(self._save_stream)
+        compute.wait_event(gathered)  # later steps may reuse the pages once they are read
+        return copied
+
+    def scatter(self, block_ids: list[int], pages: torch.Tensor, rows: list[int]) -> None:
+        """pool[block_ids[i]] = pages[rows[i]] (`pages` a host staging buffer
+        [n, *page]). On return the pool holds them (on CUDA: the copy stream
+        has finished)."""
+        ids = self._ids(block_ids)
+        whole = rows == list(range(len(rows)))  # usually every row lands, in order: no gather
+        if not self.is_cuda:
+            self.kv_cache.index_copy_(0, ids, pages[:len(rows)] if whole else pages[torch.tensor(rows)])
+            return
+        with torch.cuda.stream(self._load_stream):
+            staged = pages[:max(rows) + 1].to(self.device, non_blocking=True)  # pinned: a DMA
+            if not whole:
+                staged = staged.index_select(0, self._ids(rows))
+            self.kv_cache.index_copy_(0, ids, staged[:len(rows)])
+        self._load_stream.synchronize()
