@@ -40,20 +40,32 @@ def workload(tokenizer, n: int) -> list[tuple[int, str]]:
     return out
 
 
-def run(engine, arrivals, max_tokens: int) -> list[float]:
+def run(engine, arrivals, max_tokens: int) -> tuple[list[float], float]:
+    """Times of the steps that ran the model (a step with only tier lookups or
+    loads to wait for does no work: it is left out), and the total time."""
     from engine.sampling_params import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     pending = list(arrivals)
-    times, step = [], 0
+    computed = [False]
+    execute = engine.runner.execute
+
+    def noting(sched):
+        computed[0] = True
+        return execute(sched)
+
+    engine.runner.execute = noting
+    times, step, started = [], 0, time.perf_counter()
     while pending or engine.has_unfinished_requests():
         while pending and pending[0][0] <= step:
             _, prompt = pending.pop(0)
             engine.add_request(f"r{step}-{len(pending)}", prompt, params)
+        computed[0] = False
         t0 = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - t0)
+        if computed[0]:
+            times.append(time.perf_counter() - t0)
         step += 1
-    return times
+    return times, time.perf_counter() - started
 
 
 def pct(values: list[float], q: float) -> float:
@@ -91,42 +103,49 @@ def main() -> int:
     slow_target = servers.RedisServer().start()
     slow = servers.DelayingProxy(slow_target.port, delay_s=1.0, commands=(b"",))  # every reply
     nothing = servers.free_port()
-    redis = lambda url: [{"type": "redis", "url": url, "timeout_s": 5.0}]  # noqa: E731
-    configs = {
-        "no connector": None,
-        "cpu only": ktc([]),
-        "cpu + redis": ktc(redis(healthy.url)),
-        "cpu + redis stopped": ktc(redis(stopped.url)),
-        "cpu + nothing listening": ktc(redis(f"redis://127.0.0.1:{nothing}/0")),
-        "cpu + redis hung": ktc(redis(hung.url)),
-        "cpu + redis 1 s slow": ktc(redis(slow.url)),
+    def redis(url):  # a fresh key prefix per run: nothing stored by an earlier one is a hit
+        return lambda: [{"type": "redis", "url": url, "timeout_s": 5.0, "key_prefix": f"b{time.monotonic_ns()}:"}]
+
+    configs: dict = {
+        "no connector": lambda: None,
+        "cpu only": lambda: ktc([]),
+        "cpu + redis": redis(healthy.url),
+        "cpu + redis stopped": redis(stopped.url),
+        "cpu + nothing listening": redis(f"redis://127.0.0.1:{nothing}/0"),
+        "cpu + redis hung": redis(hung.url),
+        "cpu + redis 1 s slow": redis(slow.url),
     }
-    results: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "max": []} for name in configs}
+    results: dict[str, dict[str, list[float]]] = {name: {"p50": [], "p99": [], "max": [], "total": []}
+                                                  for name in configs}
     try:
         for round_ in range(args.rounds):
-            for name, config in configs.items():
+            for name, tiers in configs.items():
+                config = tiers() if name in ("no connector", "cpu only") else ktc(tiers())
                 engine = LLMEngine(EngineConfig(kv_transfer_config=config, max_num_batched_tokens=512), loaded=model)
                 try:
                     run(engine, arrivals[:2], 4)  # warm-up: kernels built, pools touched
-                    times = run(engine, arrivals, args.max_tokens)
+                    times, total = run(engine, arrivals, args.max_tokens)
                 finally:
                     engine.shutdown()
-                for key, value in (("p50", pct(times, 0.5)), ("p99", pct(times, 0.99)), ("max", max(times))):
+                for key, value in (("p50", pct(times, 0.5)), ("p99", pct(times, 0.99)), ("max", max(times)),
+                                   ("total", total)):
                     results[name][key].append(value)
-                print(f"round {round_ + 1} {name}: {len(times)} steps, p50 {pct(times, 0.5) * 1e3:.1f} ms, "
-                      f"p99 {pct(times, 0.99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms", flush=True)
+                print(f"round {round_ + 1} {name}: {len(times)} model steps, p50 {pct(times, 0.5) * 1e3:.1f} ms, "
+                      f"p99 {pct(times, 0.99) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms, total {total:.1f} s",
+                      flush=True)
     finally:
         hung.close()
         slow.close()
         for server in (healthy, stopped, slow_target):
             server.close()
     base = {key: statistics.median(results["no connector"][key]) for key in ("p50", "p99")}
-    print("\n| configuration | step p50 (ms) | step p99 (ms) | max (ms) | p50 / no connector | p99 / no connector |")
-    print("|---|---|---|---|---|---|")
+    print("\n| configuration | step p50 (ms) | step p99 (ms) | max (ms) | p50 / no connector | p99 / no connector "
+          "| total (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        p50, p99, mx = (statistics.median(r[k]) for k in ("p50", "p99", "max"))
+        p50, p99, mx, total = (statistics.median(r[k]) for k in ("p50", "p99", "max", "total"))
         print(f"| {name} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | {mx * 1e3:.1f} | {p50 / base['p50']:.2f} | "
-              f"{p99 / base['p99']:.2f} |")
+              f"{p99 / base['p99']:.2f} | {total:.1f} |")
     return 0
 
 

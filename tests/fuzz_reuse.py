@@ -99,6 +99,7 @@ class TierFaults:
         self.bucket = None
         self.proxy = None
         self.tiers: list = []  # the live tier objects, once the engine exists
+        self.down = False
 
     def spec(self) -> dict:
         import servers as srv
@@ -158,6 +159,9 @@ class TierFaults:
         self._rewrite(lambda data: data[:len(data) // 2])
 
     def tier_down(self) -> None:
+        if self.down:
+            return
+        self.down = True
         if self.kind == "fs":
             away = self.root.with_name(self.root.name + ".away")
             if self.root.exists() and not away.exists():
@@ -168,6 +172,9 @@ class TierFaults:
             self.servers["s3"].stop()
 
     def tier_up(self) -> None:
+        if not self.down:
+            return
+        self.down = False
         if self.kind == "fs":
             away = self.root.with_name(self.root.name + ".away")
             if away.exists():

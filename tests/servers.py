@@ -82,6 +82,8 @@ class RedisServer:
         return f"redis://{HOST}:{self.port}/0"
 
     def start(self) -> "RedisServer":
+        if self._process is not None and self._process.poll() is None:
+            return self  # running already
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self._process = subprocess.Popen(
             [binary, "--bind", HOST, "--port", str(self.port), "--save", "", "--appendonly", "no",
@@ -124,6 +126,8 @@ class MotoS3Server:
         return f"http://{HOST}:{self.port}"
 
     def start(self) -> "MotoS3Server":
+        if self._process is not None and self._process.poll() is None:
+            return self  # running already
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self._process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)],
