@@ -79,13 +79,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/servers.py; tests/ is n
 
 import torch  # noqa: E402
 
-import servers  # noqa: E402
 from benchmarks.common import emit_json, median, percentile, print_table  # noqa: E402
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.model_loader import load_model  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from kvtier.engine.config import EngineConfig  # noqa: E402
+from kvtier.engine.core.sampling_params import SamplingParams  # noqa: E402
+from kvtier.engine.entrypoints.llm import LLM  # noqa: E402
+from kvtier.engine.llm_engine import LLMEngine  # noqa: E402
+from kvtier.engine.model.loader import load_model  # noqa: E402
+
+import servers  # noqa: E402
 
 TIERS = ("cpu", "fs", "obj", "redis")
 TTFT_TARGETS = {"cpu": 1 / 20, "fs": 1 / 10, "obj": 1 / 5, "redis": 1 / 5}  # tier TTFT / cold TTFT

@@ -14,11 +14,11 @@ import random
 import torch
 
 from benchmarks.common import emit_json, median, print_table, timer
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
+from kvtier.engine.model.loader import load_model
 
 
 def random_prompt(n: int, rng: random.Random) -> list[int]:

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import emit_json, print_table, timer
-from engine.config import EngineConfig
-from engine.kv_cache import FullAttentionSpec, SlidingWindowSpec
-from engine.llm_engine import LLMEngine
-from engine.model_loader import load_model
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.kv_cache import FullAttentionSpec, SlidingWindowSpec
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.llm_engine import LLMEngine
+from kvtier.engine.model.loader import load_model
 
 MIB = 1 << 20
 NUM_LAYERS, NUM_FULL = 6, 1  # Gemma 3's 5 sliding : 1 full

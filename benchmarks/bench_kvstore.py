@@ -38,13 +38,14 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
 
-import servers  # noqa: E402
 from benchmarks.common import median, print_table  # noqa: E402
-from kvstore import make_key  # noqa: E402
-from kvstore.block_format import BlockCodec  # noqa: E402
-from kvstore.buffers import advise_huge_pages, byte_rows, byte_view  # noqa: E402
-from kvstore.tiers import TierContext, build_tier  # noqa: E402
-from policies import make_cache_policy  # noqa: E402
+from kvtier.kvstore import make_key  # noqa: E402
+from kvtier.kvstore.block_format import BlockCodec  # noqa: E402
+from kvtier.kvstore.buffers import advise_huge_pages, byte_rows, byte_view  # noqa: E402
+from kvtier.kvstore.tiers import TierContext, build_tier  # noqa: E402
+from kvtier.policies import make_cache_policy  # noqa: E402
+
+import servers  # noqa: E402
 
 SHAPE = (30, 2, 256, 3, 64)
 TARGETS = {"cpu": 0.8, "fs": 0.8, "redis": 1.0, "obj": 1.0}

@@ -43,7 +43,7 @@ def workload(tokenizer, n: int) -> list[tuple[int, str]]:
 def run(engine, arrivals, max_tokens: int) -> tuple[list[float], float]:
     """Times of the steps that ran the model (a step with only tier lookups or
     loads to wait for does no work: it is left out), and the total time."""
-    from engine.sampling_params import SamplingParams
+    from kvtier.engine.core.sampling_params import SamplingParams
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     pending = list(arrivals)
     computed = [False]
@@ -82,9 +82,9 @@ def main() -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     import logging
     logging.basicConfig(level=logging.ERROR)
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.model_loader import load_model
+    from kvtier.engine.config import EngineConfig
+    from kvtier.engine.llm_engine import LLMEngine
+    from kvtier.engine.model.loader import load_model
 
     model = load_model(None, torch.float32)
     arrivals = workload(model.tokenizer, args.requests)

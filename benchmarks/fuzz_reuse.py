@@ -34,7 +34,8 @@ SHAPES = ("default", "qwen2-hybrid", "mistral-all-sliding")
 
 
 def load_shapes(names: list[str], scratch: Path):
-    from engine.model_loader import load_model
+    from kvtier.engine.model.loader import load_model
+
     from tiny_models import save_tiny
     base = load_model(None, torch.float32)
     models = {}

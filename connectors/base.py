@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from connectors.config import KVTransferConfig
+from kvtier.connectors.config import KVTransferConfig
 
 
 class ConnectorRequest(Protocol):

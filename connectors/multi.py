@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from connectors.base import (ConnectorMetadata, ConnectorRequest, FinishedTransfers, KVConnectorBase, KVLayout,
-                             StepPlan)
-from connectors.config import KVTransferConfig, parse_kv_transfer_config
+from kvtier.connectors.base import (
+    ConnectorMetadata,
+    ConnectorRequest,
+    FinishedTransfers,
+    KVConnectorBase,
+    KVLayout,
+    StepPlan,
+)
+from kvtier.connectors.config import KVTransferConfig, parse_kv_transfer_config
 
 
 @dataclass
@@ -21,7 +27,7 @@ class MultiMetadata(ConnectorMetadata):
 class MultiConnector(KVConnectorBase):
     def __init__(self, config: KVTransferConfig, layout: KVLayout):
         super().__init__(config, layout)
-        from connectors.registry import create_connector
+        from kvtier.connectors.registry import create_connector
         specs = self.extra.get("connectors")
         if not isinstance(specs, list) or not specs:
             raise ValueError("kv_transfer_config.kv_connector_extra_config.connectors: "

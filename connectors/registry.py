@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import importlib
 
-from connectors.base import KVConnectorBase, KVLayout
-from connectors.config import KNOWN_CONNECTORS, KVTransferConfig
+from kvtier.connectors.base import KVConnectorBase, KVLayout
+from kvtier.connectors.config import KNOWN_CONNECTORS, KVTransferConfig
 
 # name -> "module:Class", imported on first use so that an unused connector's
 # dependencies are never loaded.
 _BUILTIN = {
-    "OffloadingConnector": "connectors.offloading:OffloadingConnector",
-    "MultiConnector": "connectors.multi:MultiConnector",
+    "OffloadingConnector": "kvtier.connectors.offloading:OffloadingConnector",
+    "MultiConnector": "kvtier.connectors.multi:MultiConnector",
 }
 KNOWN_CONNECTORS.update(_BUILTIN)
 

@@ -5,13 +5,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+from kvtier.engine.model.loader import DEFAULT_MODEL_NAME
 
 
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL_NAME
     served_model_name: list[str] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
@@ -31,7 +31,7 @@ class EngineConfig(BaseModel):
     @field_validator("kv_transfer_config", mode="before")
     @classmethod
     def _parse_kv_transfer_config(cls, value: Any):
-        from connectors.config import parse_kv_transfer_config
+        from kvtier.connectors.config import parse_kv_transfer_config
         return parse_kv_transfer_config(value)
 
     @model_validator(mode="after")

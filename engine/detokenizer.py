@@ -8,7 +8,7 @@ for in the new text only.
 """
 from __future__ import annotations
 
-from engine.sampling_params import SamplingParams
+from kvtier.engine.core.sampling_params import SamplingParams
 
 
 class IncrementalDetokenizer:

@@ -7,20 +7,20 @@ import time
 
 import torch
 
-from engine.attention import paged_attention_fused
-from engine.config import EngineConfig
-from engine.errors import RequestError
-from engine.kv_cache import KVCacheManager, build_kv_cache_groups
-from engine.model import CausalLM
-from engine.model_loader import LoadedModel, load_model
-from engine.model_runner import ModelRunner, kv_page_bytes
-from engine.detokenizer import IncrementalDetokenizer
-from engine.output_processor import OutputKind, RequestGroup
-from engine.outputs import RequestOutput
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.stats import TTFT_BUCKETS, EngineStats, Histogram
+from kvtier.engine.attention.paged import paged_attention_fused
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
+from kvtier.engine.core.outputs import RequestOutput
+from kvtier.engine.core.request import Request, RequestStatus
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.core.scheduler import Scheduler
+from kvtier.engine.core.stats import TTFT_BUCKETS, EngineStats, Histogram
+from kvtier.engine.detokenizer import IncrementalDetokenizer
+from kvtier.engine.errors import RequestError
+from kvtier.engine.model.causal_lm import CausalLM
+from kvtier.engine.model.loader import LoadedModel, load_model
+from kvtier.engine.model.runner import ModelRunner, kv_page_bytes
+from kvtier.engine.output_processor import OutputKind, RequestGroup
 
 logger = logging.getLogger("kvtier.engine")
 
@@ -93,8 +93,8 @@ class LLMEngine:
         ktc = self.config.kv_transfer_config
         if ktc is None or ktc.kv_connector is None:
             return None
-        from connectors.base import KVGroupLayout, KVLayout
-        from connectors.registry import create_connector
+        from kvtier.connectors.base import KVGroupLayout, KVLayout
+        from kvtier.connectors.registry import create_connector
         layout = KVLayout(
             block_size=self.block_size, page_shape=tuple(self.runner.kv_cache.shape[1:]), dtype=self.dtype,
             groups=tuple(KVGroupLayout(g.index, g.layers, getattr(g.spec, "window", None)) for g in self.groups),
@@ -116,15 +116,15 @@ class LLMEngine:
         if choice == "cpu" and self.device.type != "cpu":
             raise ValueError("KVTIER_ATTENTION=cpu needs --device cpu")
         if choice == "cpu" or (choice == "auto" and self.device.type == "cpu"):
-            from engine import cpu_attention
-            self.runner.decode_kernel = cpu_attention.load()
+            from kvtier.engine.attention import cpu_kernel
+            self.runner.decode_kernel = cpu_kernel.load()
             if self.runner.decode_kernel is None and choice == "cpu":
                 raise RuntimeError("KVTIER_ATTENTION=cpu but the CPU kernel could not be built (see the log)")
             return
         if choice == "auto" and self.device.type != "cuda":
             return
-        from engine import triton_attention
-        if not triton_attention.is_available():
+        from kvtier.engine.attention import triton_kernel
+        if not triton_kernel.is_available():
             if choice == "triton":
                 raise RuntimeError("KVTIER_ATTENTION=triton but triton cannot run here "
                                    "(install triton; on the CPU set TRITON_INTERPRET=1)")
@@ -221,7 +221,7 @@ class LLMEngine:
         return self._finish_outputs(touched)
 
     def _step_plan(self, sched):
-        from connectors.base import ScheduledRequest, StepPlan
+        from kvtier.connectors.base import ScheduledRequest, StepPlan
         kv = self.kv_cache_manager
         return StepPlan([ScheduledRequest(s.request, kv.block_ids(s.request.request_id),
                                           s.request.num_computed_tokens, s.num_new_tokens)

@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
+from kvtier.engine.core.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvtier.engine.core.request import Request, RequestStatus
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.detokenizer import IncrementalDetokenizer
 
 OutputKind = Literal["cumulative", "delta"]
 

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-
 _NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.uint8, torch.int8, torch.int32, torch.int64}
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14

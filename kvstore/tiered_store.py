@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from policies import cache_policy_factory, make_cache_policy
+from kvtier.policies import cache_policy_factory, make_cache_policy
 
 from .block_format import BlockCodec
 from .tiers import CpuTier, Tier, TierContext, parse_tier_spec

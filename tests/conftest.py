@@ -11,7 +11,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def default_model():
-    from engine.model_loader import load_model
+    from kvtier.engine.model.loader import load_model
     return load_model(None, torch.float32)
 
 

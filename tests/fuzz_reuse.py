@@ -255,7 +255,7 @@ class FuzzFailure(AssertionError):
 
 def _drive(engine, wl: Workload, on_step=None, max_steps: int = 20000, max_seconds: float = 600.0):
     """Run the workload's arrivals (and aborts, and faults via on_step); the final output per request."""
-    from engine.sampling_params import SamplingParams
+    from kvtier.engine.core.sampling_params import SamplingParams
     arrivals = sorted(wl.arrivals, key=lambda a: a.at_step)
     finals, aborts, aborted = {}, {}, set()
     step, started = 0, time.monotonic()
@@ -289,7 +289,7 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
     """One seed end to end; raises FuzzFailure with what differed. Returns a summary.
     With a secondary tier the workload runs twice: then on a fresh engine
     sharing the tier (a replica, or a restart), where the hits come from below."""
-    from engine.kv_cache import KVCacheManager, build_kv_cache_groups
+    from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
     block_size = 16
     counter = KVCacheManager(build_kv_cache_groups(model.config.layer_types, model.config.sliding_window), 2,
                              block_size)
@@ -319,8 +319,8 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
 
 def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: random.Random,
                expected: dict, summary: dict) -> list[str]:
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
+    from kvtier.engine.config import EngineConfig
+    from kvtier.engine.llm_engine import LLMEngine
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, num_gpu_blocks_override=wl.num_blocks,
                                     max_num_batched_tokens=wl.max_num_batched_tokens, block_size=16,
                                     max_model_len=4096), loaded=model)
@@ -384,9 +384,9 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
 
 def reference(model, wl: Workload, cache: dict) -> dict[str, list[int]]:
     """The no-connector greedy output of every prompt (cached across seeds)."""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
+    from kvtier.engine.config import EngineConfig
+    from kvtier.engine.core.sampling_params import SamplingParams
+    from kvtier.engine.llm_engine import LLMEngine
     todo = [a for a in wl.arrivals if (id(model), tuple(a.prompt)) not in cache
             or len(cache[(id(model), tuple(a.prompt))]) < a.max_tokens]
     if todo:

@@ -17,9 +17,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 
 HOST = "127.0.0.1"
 
@@ -218,7 +218,7 @@ def gcs_server() -> Iterator[FakeGcsServer]:
 
 
 class KvtierServer:
-    """A live `kvtier serve` process (python -m engine.cli, so no install is needed)."""
+    """A live `kvtier serve` process (python -m kvtier)."""
 
     def __init__(self, *args: str, timeout: float = 180.0) -> None:
         self.port = free_port()
@@ -231,7 +231,7 @@ class KvtierServer:
     def start(self) -> "KvtierServer":
         repo = Path(__file__).resolve().parents[1]
         self._log = tempfile.TemporaryFile()
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", HOST, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "kvtier", "serve", "--host", HOST, "--port", str(self.port),
                "--uvicorn-log-level", "warning", *self.args]
         env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self._process = subprocess.Popen(cmd, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)

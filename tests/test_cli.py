@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import build_parser, engine_config_from_args, main
+from kvtier.engine.entrypoints.cli import build_parser, engine_config_from_args, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_flags_map_to_engine_config():
 
 
 def test_unset_flags_keep_engine_defaults():
-    from engine.config import EngineConfig
+    from kvtier.engine.config import EngineConfig
     config = engine_config_from_args(build_parser().parse_args(["serve"]))
     assert config == EngineConfig()
     args = build_parser().parse_args(["serve", "--model", "x.gguf"])
@@ -67,7 +67,7 @@ def test_unset_flags_keep_engine_defaults():
 
 
 def test_version_as_a_command():
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "--version"], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "kvtier", "--version"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
     assert out.stdout.startswith("kvtier ")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
 
 sys.path.insert(0, str(Path(__file__).parent / "examples"))
 

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 
-from engine import cpu_attention
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from kvtier.engine.attention import cpu_kernel
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
+
 from hf_reference import hf_greedy
 
 BS = 16
-kernel = cpu_attention.load()
+kernel = cpu_kernel.load()
 needs_kernel = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
 
 

@@ -51,7 +51,7 @@ def test_the_harness_catches_a_page_nothing_wrote(shapes, fuzz_servers, tmp_path
     """The property can fail: with loads that leave one real block of each
     load unwritten (as sliding groups' full-length tables did, which loads
     filled only at the window), some seed reports a page nothing wrote."""
-    from connectors.offloading.blocks import OffloadBlocks
+    from kvtier.connectors.offloading.blocks import OffloadBlocks
     plan = OffloadBlocks.load_plan
 
     def leaky(self, *args):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from connectors.config import parse_kv_transfer_config
-from kvstore.tiers import parse_tier_spec
+from kvtier.connectors.config import parse_kv_transfer_config
+from kvtier.kvstore.tiers import parse_tier_spec
 
 COMPOSE = yaml.safe_load((Path(__file__).parents[1] / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
+
 from hf_reference import hf_greedy
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
 
 MAX_NEW = 12
 
@@ -92,7 +93,7 @@ def test_preemption_under_a_tiny_pool(default_model, prompt_ids, reference):
 
 
 def test_request_larger_than_the_pool_is_rejected(default_model):
-    from engine.errors import RequestError
+    from kvtier.engine.errors import RequestError
     llm = make_llm(default_model, num_gpu_blocks_override=8)
     with pytest.raises(RequestError, match="pool holds 8"):
         llm.generate(["hello " * 200], GREEDY, use_tqdm=False)

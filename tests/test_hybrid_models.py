@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
+
 from hf_reference import hf_greedy
 from tiny_models import save_tiny
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
 
 WINDOW = 32
 MAX_NEW = 10

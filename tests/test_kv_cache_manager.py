@@ -1,9 +1,9 @@
 """Allocator unit tests: block pool, per-group managers, the hybrid hit search."""
 import pytest
 
-from engine.kv_cache import BlockPool, KVCacheManager, build_kv_cache_groups
-from engine.kv_cache.block_hash import extend_block_hashes, hash_block
-from engine.kv_cache.spec import FullAttentionSpec, SlidingWindowSpec
+from kvtier.engine.core.kv_cache import BlockPool, KVCacheManager, build_kv_cache_groups
+from kvtier.engine.core.kv_cache.block_hash import extend_block_hashes, hash_block
+from kvtier.engine.core.kv_cache.spec import FullAttentionSpec, SlidingWindowSpec
 
 BS = 4
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from connectors.config import KVTransferConfig, parse_kv_transfer_config
+from kvtier.connectors.config import KVTransferConfig, parse_kv_transfer_config
 
 # The example from vLLM's OffloadingConnector documentation, verbatim.
 VLLM_OFFLOADING_CONFIG = (

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, MODEL_ARCH, get_tensor_name_map
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFWriter, get_tensor_name_map
 from gguf.quants import quantize
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig,
-                          PreTrainedTokenizerFast, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
-from engine import gguf_loader
-from engine.model_loader import DEFAULT_MODEL_NAME, load_model, resolve_model_path
+from kvtier.engine.model import gguf_loader
+from kvtier.engine.model.loader import DEFAULT_MODEL_NAME, load_model, resolve_model_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TEXTS = ["Hello world!", "  leading spaces\n\ttabs and\r\nnewlines",
@@ -168,7 +174,7 @@ def edit_config_json(model_dir: Path, **changes) -> None:
 
 
 def fingerprint_in_subprocess(model_dir: Path) -> str:
-    code = "import sys; from engine.model_loader import load_model; print(load_model(sys.argv[1]).fingerprint)"
+    code = "import sys; from kvtier.engine.model.loader import load_model; print(load_model(sys.argv[1]).fingerprint)"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-c", code, str(model_dir)], env=env, check=True,
                           capture_output=True, text=True).stdout.strip()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import EngineConfig
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 OFFLOAD_TOKENS = 64

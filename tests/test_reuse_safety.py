@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
+from kvtier.engine.core.kv_cache.single_type_manager import SlidingWindowManager
+from kvtier.engine.core.request import Request, RequestStatus
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.core.scheduler import Scheduler
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
+
 from hf_reference import hf_greedy
 from kv_invariants import PageWitness
 from tiny_models import save_tiny
-
-from engine.config import EngineConfig
-from engine.kv_cache import KVCacheManager, build_kv_cache_groups
-from engine.kv_cache.single_type_manager import SlidingWindowManager
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.request import Request, RequestStatus
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
 
 sys.path.insert(0, str(Path(__file__).parent / "examples"))
 
@@ -315,7 +315,8 @@ def test_a_load_past_its_deadline_fails_under_the_fail_policy(default_model, red
 
 def test_another_releases_objects_are_misses_and_stay(default_model, tmp_path):
     import struct
-    from kvstore.block_format import FORMAT_VERSION
+
+    from kvtier.kvstore.block_format import FORMAT_VERSION
     prompt = " ".join(f"Line {i}: {i % 7} dogs." for i in range(60))
     root = tmp_path / "shared"
     ktc = offloading(secondary=[{"type": "fs", "path": str(root)}])
@@ -370,7 +371,7 @@ def test_a_hung_tier_lookup_never_holds_other_requests(default_model):
 # -- 7. no client waits forever -----------------------------------------------------
 
 def test_when_the_engine_thread_dies_every_request_ends_and_health_says_so(default_model):
-    from engine.async_engine import AsyncLLMEngine, EngineDeadError
+    from kvtier.engine.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError
     engine = LLMEngine(EngineConfig(), loaded=default_model)
     _engines.append(engine)
     real_stats = engine.stats
@@ -400,7 +401,7 @@ def test_when_the_engine_thread_dies_every_request_ends_and_health_says_so(defau
 
 
 def test_a_slow_reader_holds_one_merged_delta_not_a_queue(default_model):
-    from engine.async_engine import AsyncLLMEngine
+    from kvtier.engine.entrypoints.async_engine import AsyncLLMEngine
     served = AsyncLLMEngine(LLMEngine(EngineConfig(), loaded=default_model))
     _engines.append(served.engine)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -484,7 +485,7 @@ def test_cuda_pool_saves_and_loads_through_pinned_staging(default_model):
 
 def test_copies_name_the_pool_device_for_every_index():
     """What runs here of the CUDA path's construction: index tensors on the pool's device."""
-    from connectors.offloading.transfer import DeviceCopier
+    from kvtier.connectors.offloading.transfer import DeviceCopier
     pool = torch.arange(6 * 4, dtype=torch.float32).view(6, 2, 2)
     copier = DeviceCopier(pool)
     assert copier._ids([1, 2]).device == pool.device

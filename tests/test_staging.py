@@ -1,6 +1,6 @@
 import torch
 
-from connectors.staging import StagingBuffers
+from kvtier.connectors.staging import StagingBuffers
 
 
 def test_a_released_buffer_is_reused_for_a_load_that_fits():

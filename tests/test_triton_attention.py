@@ -133,13 +133,13 @@ def reference_attention(b: Batch, window: int | None) -> torch.Tensor:
 
 
 def run_kernel_jobs() -> dict[tuple[str, str], torch.Tensor]:
-    from engine import triton_attention
+    from kvtier.engine.attention import triton_kernel
 
-    assert triton_attention.is_available()
+    assert triton_kernel.is_available()
     outputs = {}
     for case, dtype_name in JOBS:
         b = make_batch(case, dtype_name)
-        out = triton_attention.paged_attention(
+        out = triton_kernel.paged_attention(
             b.q, b.kv_cache, LAYER_SLOT, b.block_tables, b.seq_lens, b.query_start_loc, b.scale, b.window
         )
         outputs[case, dtype_name] = out.cpu()

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from engine.llm import LLM
-from engine.llm_engine import LLMEngine
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.llm_engine import LLMEngine
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -20,8 +20,8 @@ PROMPTS = ["The capital of France is",
            "Count with me: one, two, three, four, five, six, seven, eight, nine, ten, eleven"]
 CHILD = """
 import json, sys
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from kvtier.engine.entrypoints.llm import LLM
+from kvtier.engine.core.sampling_params import SamplingParams
 llm = LLM(max_num_batched_tokens=24)
 outs = llm.generate(json.loads(sys.argv[1]), SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
 print(json.dumps([o.outputs[0].token_ids for o in outs]))

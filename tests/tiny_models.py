@@ -10,8 +10,14 @@ KINDS = ("qwen2-hybrid", "mistral-all-sliding", "llama-full")
 
 
 def tiny_hf(kind: str, window: int = 32, layers: int = 4, seed: int = 0):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
     common = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                   tie_word_embeddings=True, eos_token_id=2, bos_token_id=1,
@@ -31,7 +37,7 @@ def tiny_hf(kind: str, window: int = 32, layers: int = 4, seed: int = 0):
 
 def save_tiny(kind: str, path: Path, tokenizer, **kw):
     """The HF model, saved with `tokenizer` to `path`; returns (hf model, kvtier LoadedModel)."""
-    from engine.model_loader import load_model
+    from kvtier.engine.model.loader import load_model
     hf = tiny_hf(kind, **kw)
     hf.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

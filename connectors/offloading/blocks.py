@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvstore.keys import layout_id, make_key
+from kvtier.kvstore.keys import layout_id, make_key
 
 from ..base import KVLayout
 

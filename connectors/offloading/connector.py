@@ -14,15 +14,15 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.tiered_store import TieredStore
-from policies.registry import make_request_policy
-from policies.request_policy import RequestDecision, RequestInfo
+from kvtier.kvstore.tiered_store import TieredStore
+from kvtier.policies.registry import make_request_policy
+from kvtier.policies.request_policy import RequestDecision, RequestInfo
 
 from ..base import ConnectorMetadata, ConnectorRequest, FinishedTransfers, KVConnectorBase, KVLayout, StepPlan
 from ..config import KVTransferConfig

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.fence import WriteFence
-from kvstore.tiered_store import TieredStore
+from kvtier.kvstore.fence import WriteFence
+from kvtier.kvstore.tiered_store import TieredStore
 
 from ..staging import StagingBuffers
 from .blocks import LoadPlan

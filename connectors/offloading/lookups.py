@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvstore.tiered_store import TieredStore
+from kvtier.kvstore.tiered_store import TieredStore
 
 logger = logging.getLogger("kvtier.connectors")
 

@@ -4,7 +4,7 @@ Load it with
   --kv-transfer-config '{"kv_connector": "DictConnector", "kv_role": "kv_both",
                          "kv_connector_module_path": "dict_connector"}'
 """
-from connectors.base import ConnectorMetadata, KVConnectorBase
+from kvtier.connectors.base import ConnectorMetadata, KVConnectorBase
 
 
 class DictConnector(KVConnectorBase):

@@ -8,9 +8,9 @@ import uuid
 import pytest
 import torch
 
-from kv_helpers import FINGERPRINT, tier_context
+from kvtier.kvstore.tiers import build_tier
 
-from kvstore.tiers import build_tier
+from kv_helpers import FINGERPRINT, tier_context
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import uuid
 
 import torch
 
-from kvstore import make_key
-from kvstore.block_format import BlockCodec
-from kvstore.tiers import TierContext
-from policies import cache_policy_factory, make_cache_policy
+from kvtier.kvstore import make_key
+from kvtier.kvstore.block_format import BlockCodec
+from kvtier.kvstore.tiers import TierContext
+from kvtier.policies import cache_policy_factory, make_cache_policy
 
 SHAPE = (2, 2, 8, 2, 4)  # layers, K/V, tokens, heads, head_dim: small and fast
 FINGERPRINT = "model-a"

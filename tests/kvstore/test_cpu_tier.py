@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-from kv_helpers import SHAPE, bit_equal, block_keys, random_blocks
 
-from kvstore.tiers import CpuTier
-from policies import LRUPolicy
+from kvtier.kvstore.tiers import CpuTier
+from kvtier.policies import LRUPolicy
+
+from kv_helpers import SHAPE, bit_equal, block_keys, random_blocks
 
 BLOCK_BYTES = torch.Size(SHAPE).numel() * 4
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import servers
 import torch
-from kv_helpers import FINGERPRINT, SHAPE, bit_equal, block_keys, random_blocks
 
-from kvstore import TieredStore
+from kvtier.kvstore import TieredStore
+
+import servers
+from kv_helpers import FINGERPRINT, SHAPE, bit_equal, block_keys, random_blocks
 
 BLOCK_BYTES = torch.Size(SHAPE).numel() * 4
 FAST_BACKOFF = {"backoff_s": 0.2, "max_backoff_s": 0.2, "timeout_s": 0.5}
@@ -115,7 +116,7 @@ def _slow_sink_for(tier, key: str, seconds: float) -> None:
 
 @pytest.mark.parametrize("kind", ["fs", "redis", "s3"])
 def test_nothing_writes_into_a_buffer_after_a_failed_or_timed_out_read_returns(make_tier, kind):
-    from kvstore.tiers.redis import RedisBackend
+    from kvtier.kvstore.tiers.redis import RedisBackend
 
     extra = {"timeout_s": 0.5} if kind == "s3" else {}
     tier = make_tier(kind, **extra)

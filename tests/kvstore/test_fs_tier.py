@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from kv_helpers import bit_equal, block_keys, random_blocks
 
 

@@ -5,11 +5,12 @@ import re
 
 import pytest
 import torch
-from kv_helpers import bit_equal
 
-from kvstore import layout_id, make_key
-from kvstore.block_format import FORMAT_VERSION, BlockCodec, CorruptBlockError
-from kvstore.checksum import checksum, running_checksum
+from kvtier.kvstore import layout_id, make_key
+from kvtier.kvstore.block_format import FORMAT_VERSION, BlockCodec, CorruptBlockError
+from kvtier.kvstore.checksum import checksum, running_checksum
+
+from kv_helpers import bit_equal
 
 SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
@@ -64,8 +65,8 @@ def test_codec_round_trip(dtype):
 
 def _with_header(blob, header: bytes) -> bytes:
     """The object with its JSON header replaced (padded, correctly checksummed)."""
-    from kvstore.block_format import _PREFIX, MAGIC, FORMAT_VERSION
-    from kvstore.checksum import checksum
+    from kvtier.kvstore.block_format import _PREFIX, FORMAT_VERSION, MAGIC
+    from kvtier.kvstore.checksum import checksum
     header_len = _PREFIX.unpack_from(blob)[2]
     padded = header + b" " * (header_len - len(header))
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, header_len, checksum(padded)) + padded + blob[_PREFIX.size + header_len:]
@@ -126,7 +127,7 @@ def test_header_is_json_and_a_reordered_header_still_reads():
 
 
 def test_codec_reads_and_writes_byte_arrays_over_a_block():
-    from kvstore.buffers import byte_view
+    from kvtier.kvstore.buffers import byte_view
 
     codec = BlockCodec("m", torch.bfloat16, (3, 5))
     block = torch.randn(3, 5).to(torch.bfloat16)

@@ -1,10 +1,9 @@
 """Cache policies (eviction order, protection, loading a user's) and request policies."""
 from __future__ import annotations
 
-
 import pytest
 
-from policies import (
+from kvtier.policies import (
     ARCPolicy,
     LFUPolicy,
     LRUPolicy,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import redis
-from kv_helpers import block_keys, random_blocks
 from pydantic import ValidationError
 
-from kvstore.tiers import parse_tier_spec
+from kvtier.kvstore.tiers import parse_tier_spec
+
+from kv_helpers import block_keys, random_blocks
 
 
 def test_the_vllm_obj_json_is_understood():
@@ -105,7 +106,8 @@ def test_redis_cuts_large_blocks_into_pieces_and_a_lost_piece_is_a_miss(make_tie
     """Blocks over MAX_PIECE go in near-equal pieces under one hash slot, the
     header piece under the block's own key. Redis as a cache may evict one piece
     of a block: that block must read as a miss, never as other bytes."""
-    import kvstore.tiers.redis as redis_tier
+    import kvtier.kvstore.tiers.redis as redis_tier
+
     from kv_helpers import bit_equal
 
     monkeypatch.setattr(redis_tier, "MAX_PIECE", 1500)

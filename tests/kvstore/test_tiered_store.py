@@ -6,11 +6,12 @@ import threading
 
 import pytest
 import torch
-from kv_helpers import FINGERPRINT, SHAPE, bit_equal, block_keys, random_blocks
 from pydantic import ValidationError
 
-from kvstore import TieredStore
-from policies import RequestInfo, make_request_policy
+from kvtier.kvstore import TieredStore
+from kvtier.policies import RequestInfo, make_request_policy
+
+from kv_helpers import FINGERPRINT, SHAPE, bit_equal, block_keys, random_blocks
 
 BLOCK_BYTES = torch.Size(SHAPE).numel() * 4
 

@@ -6,9 +6,10 @@ import struct
 
 import pytest
 import torch
-from kv_helpers import ALL_KINDS, SECONDARY_KINDS, SHAPE, bit_equal, block_keys, random_blocks
 
-from kvstore.block_format import FORMAT_VERSION, BlockCodec
+from kvtier.kvstore.block_format import FORMAT_VERSION, BlockCodec
+
+from kv_helpers import ALL_KINDS, SECONDARY_KINDS, SHAPE, bit_equal, block_keys, random_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

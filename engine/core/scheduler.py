@@ -19,8 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import KVCacheManager
-from engine.request import Request, RequestStatus
+from kvtier.engine.core.kv_cache import KVCacheManager
+from kvtier.engine.core.request import Request, RequestStatus
 
 
 @dataclass

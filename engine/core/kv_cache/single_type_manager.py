@@ -11,8 +11,8 @@ hold; admission, the cold path and the hit path all count blocks with it.
 """
 from __future__ import annotations
 
-from engine.kv_cache.block_pool import BlockPool, KVCacheBlock
-from engine.kv_cache.spec import KVCacheGroup, SlidingWindowSpec
+from kvtier.engine.core.kv_cache.block_pool import BlockPool, KVCacheBlock
+from kvtier.engine.core.kv_cache.spec import KVCacheGroup, SlidingWindowSpec
 
 
 def cdiv(a: int, b: int) -> int:

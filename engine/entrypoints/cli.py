@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from engine.config import EngineConfig
+from kvtier.engine.config import EngineConfig
 
 
 class UsageError(Exception):
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    from connectors.config import parse_kv_transfer_config
+    from kvtier.connectors.config import parse_kv_transfer_config
 
     if args.model_tag and args.model and args.model_tag != args.model:
         raise UsageError(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
@@ -84,8 +84,8 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from engine.async_engine import AsyncLLMEngine
-    from engine.server import build_app
+    from kvtier.engine.entrypoints.async_engine import AsyncLLMEngine
+    from kvtier.engine.entrypoints.server import build_app
 
     try:
         engine = AsyncLLMEngine.from_config(config)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from engine.server import kvtier_version
+        from kvtier.engine.entrypoints.server import kvtier_version
         print(f"kvtier {kvtier_version()}")
         return 0
     try:

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.errors import RequestError
-from engine.sampling_params import SamplingParams
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.errors import RequestError
 
 
 def describe_validation_error(err: dict, skip: int = 0) -> tuple[str | None, str]:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.kv_cache.block_pool import BlockPool, KVCacheBlock
-from engine.kv_cache.single_type_manager import SingleTypeManager, make_manager
-from engine.kv_cache.spec import KVCacheGroup
+from kvtier.engine.core.kv_cache.block_pool import BlockPool, KVCacheBlock
+from kvtier.engine.core.kv_cache.single_type_manager import SingleTypeManager, make_manager
+from kvtier.engine.core.kv_cache.spec import KVCacheGroup
 
 
 @dataclass

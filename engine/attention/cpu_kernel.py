@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel (engine/csrc/paged_decode.cpp), built on first use.
+"""The CPU decode-attention kernel (csrc/paged_decode.cpp), built on first use.
 
 torch's C++ extension loader compiles it once per machine into the kvtier cache
 directory (about 30 s here); later processes load the built library. Without a
@@ -31,7 +31,7 @@ def _cpu_tag() -> str:
 @functools.cache
 def load():
     """The compiled module, or None if it cannot be built here."""
-    from engine.model_loader import cache_dir
+    from kvtier.engine.core.paths import cache_dir
     try:
         from torch.utils import cpp_extension
         build = cache_dir() / "torch_extensions" / f"paged_decode_{_cpu_tag()}"

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import GroupAttention, PrefillSeq, window_mask
-from engine.kv_cache import KVCacheGroup, KVCacheManager, SlidingWindowSpec
-from engine.kv_cache.spec import layers_per_page
-from engine.model import CausalLM
-from engine.sampler import sample
-from engine.scheduler import SchedulerOutput
+from kvtier.engine.attention.paged import GroupAttention, PrefillSeq, window_mask
+from kvtier.engine.core.kv_cache import KVCacheGroup, KVCacheManager, SlidingWindowSpec
+from kvtier.engine.core.kv_cache.spec import layers_per_page
+from kvtier.engine.core.scheduler import SchedulerOutput
+from kvtier.engine.model.causal_lm import CausalLM
+from kvtier.engine.model.sampler import sample
 
 
 def kv_page_bytes(cfg, groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:

@@ -13,7 +13,7 @@ import torch
 from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from engine.model_loader import FULL_ATTENTION, ModelConfig, merged_token_ids
+from kvtier.engine.model.loader import FULL_ATTENTION, ModelConfig, merged_token_ids
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
 

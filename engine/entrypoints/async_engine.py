@@ -14,11 +14,11 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.outputs import CompletionOutput, RequestOutput
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.core.stats import EngineStats
+from kvtier.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger("kvtier.engine")
 

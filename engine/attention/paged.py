@@ -88,6 +88,6 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, me
 def paged_attention_fused(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, meta: GroupAttention,
                           scale: float) -> torch.Tensor:
     """The same contract through the Triton kernel: one launch for the whole batch."""
-    from engine.triton_attention import paged_attention
+    from kvtier.engine.attention.triton_kernel import paged_attention
     return paged_attention(q, kv_cache, slot, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                            scale, meta.sliding_window)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.engine.core.paths import cache_dir
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -85,10 +87,6 @@ class LoadedModel:
 
 # ---------------------------------------------------------------------------
 # Cache directory and the default model
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVTIER_CACHE") or Path.home() / ".cache" / "kvtier").expanduser().absolute()
 
 
 def default_model_path() -> Path:
@@ -315,7 +313,7 @@ def _served_name(model: str | None, path: Path) -> str:
 def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
     import transformers
 
-    from engine import gguf_loader  # imported here: gguf_loader imports ModelConfig from us
+    from kvtier.engine.model import gguf_loader  # imported here: gguf_loader imports ModelConfig from us
 
     digest = file_digest(path)
     # The tokenizer is converted by transformers, so its version is part of the key.

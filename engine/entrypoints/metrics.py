@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
-                                    Metric)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from engine.stats import EngineStats
+from kvtier.engine.core.stats import EngineStats
 
 # (metric name, EngineStats attribute, help)
 _GAUGES = [

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from engine.kv_cache.block_hash import extend_block_hashes
-from engine.sampling_params import SamplingParams
+from kvtier.engine.core.kv_cache.block_hash import extend_block_hashes
+from kvtier.engine.core.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

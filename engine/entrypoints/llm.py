@@ -6,10 +6,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from kvtier.engine.config import EngineConfig
+from kvtier.engine.core.outputs import RequestOutput
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.llm_engine import LLMEngine
 
 
 class LLM:

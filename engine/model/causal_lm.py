@@ -10,8 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.attention import GroupAttention, paged_attention_torch, write_kv
-from engine.linear import Linear
+from kvtier.engine.attention.paged import GroupAttention, paged_attention_torch, write_kv
+from kvtier.engine.model.linear import Linear
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

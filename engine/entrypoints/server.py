@@ -13,8 +13,6 @@ import time
 import uuid
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Protocol
 
 from fastapi import FastAPI, Request
@@ -23,28 +21,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import protocol as p
-from engine.async_engine import EngineDeadError, merge_delta
-from engine.errors import RequestError
-from engine.metrics import make_registry, render
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from kvtier.engine.core.outputs import RequestOutput
+from kvtier.engine.core.sampling_params import SamplingParams
+from kvtier.engine.entrypoints import protocol as p
+from kvtier.engine.entrypoints.async_engine import EngineDeadError, merge_delta
+from kvtier.engine.entrypoints.metrics import make_registry, render
+from kvtier.engine.errors import RequestError
 
 logger = logging.getLogger("kvtier.server")
 
 
-@lru_cache(maxsize=1)
 def kvtier_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("kvtier")
-    except PackageNotFoundError:  # running from a source checkout
-        import tomllib
-        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
-        try:
-            return tomllib.loads(pyproject.read_text())["project"]["version"]
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
+    import kvtier
+    return kvtier.__version__
 
 
 # -- errors --------------------------------------------------------------------
