@@ -87,6 +87,11 @@ class FinishedTransfers:
 
 
 class KVConnectorBase(ABC):
+    @classmethod
+    def validate_config(cls, config: KVTransferConfig) -> None:
+        """Check `kv_connector_extra_config` before anything is built (raise a
+        ConfigError naming the field); the default accepts whatever it holds."""
+
     def __init__(self, config: KVTransferConfig, layout: KVLayout):
         self.config = config
         self.layout = layout
@@ -118,8 +123,11 @@ class KVConnectorBase(ABC):
         flight for it must still be reported by take_finished."""
         return False
 
+    def enable_kv_events(self) -> None:
+        """Start collecting KV cache events (kvtier.connectors.kv_events) for take_events."""
+
     def take_events(self) -> list:
-        """KV cache events (blocks stored or removed) since the last call."""
+        """KV cache events (blocks stored or removed in the connector's tiers) since the last call."""
         return []
 
     # -- worker side -------------------------------------------------------

@@ -7,7 +7,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from kvtier.kvstore.validation import ConfigError, validate
 
 KVRole = Literal["kv_producer", "kv_consumer", "kv_both"]
 
@@ -62,20 +64,25 @@ class KVTransferConfig(BaseModel):
         return self.kv_connector_extra_config.get(key, default)
 
 
-def parse_kv_transfer_config(value: str | dict | KVTransferConfig | None) -> KVTransferConfig | None:
+def parse_kv_transfer_config(value: str | dict | KVTransferConfig | None,
+                             check_connector: bool = True) -> KVTransferConfig | None:
     """Inline JSON, `@path/to/file.json`, a dict or a ready config.
 
-    Raises ValueError whose message names the offending field."""
+    With `check_connector`, the connector is found and its own extra config
+    checked too (for the connectors that know theirs), so that every mistake
+    stops start-up before a model loads.
+    Raises ConfigError (a ValueError) whose message names the offending field."""
     if value is None or isinstance(value, KVTransferConfig):
         return value
     if isinstance(value, str):
         value = _load_json(value)
     if not isinstance(value, dict):
-        raise ValueError(f"kv_transfer_config: expected a JSON object, got {type(value).__name__}")
-    try:
-        return KVTransferConfig.model_validate(value)
-    except ValidationError as e:
-        raise ValueError("; ".join(_describe(err) for err in e.errors())) from None
+        raise ConfigError(f"kv_transfer_config: expected a JSON object, got {type(value).__name__}")
+    config = validate(KVTransferConfig, value, ("kv_transfer_config",))
+    if check_connector and config.kv_connector is not None:
+        from kvtier.connectors.registry import connector_class
+        connector_class(config).validate_config(config)
+    return config
 
 
 def _load_json(text: str) -> Any:
@@ -86,18 +93,8 @@ def _load_json(text: str) -> Any:
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ValueError(f"kv_transfer_config: cannot read {path}: {e.strerror or e}") from None
+            raise ConfigError(f"kv_transfer_config: cannot read {path}: {e.strerror or e}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"kv_transfer_config: invalid JSON{where}: {e}") from None
-
-
-def _describe(err: dict) -> str:
-    path = ".".join(str(part) for part in ("kv_transfer_config", *err["loc"]))
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif err["type"] == "value_error":
-        msg = str(err["ctx"]["error"])  # without pydantic's "Value error, " prefix
-    return f"{path}: {msg}"
+        raise ConfigError(f"kv_transfer_config: invalid JSON{where}: {e}") from None

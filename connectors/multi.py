@@ -17,6 +17,7 @@ from kvtier.connectors.base import (
     StepPlan,
 )
 from kvtier.connectors.config import KVTransferConfig, parse_kv_transfer_config
+from kvtier.kvstore.validation import ConfigError
 
 
 @dataclass
@@ -25,24 +26,32 @@ class MultiMetadata(ConnectorMetadata):
 
 
 class MultiConnector(KVConnectorBase):
+    @classmethod
+    def sub_configs(cls, config: KVTransferConfig) -> list[KVTransferConfig]:
+        """Each connector's config, checked, with the parent's role and failure policy as defaults."""
+        where = "kv_transfer_config.kv_connector_extra_config.connectors"
+        specs = config.kv_connector_extra_config.get("connectors")
+        if not isinstance(specs, list) or not specs:
+            raise ConfigError(f"{where}: a non-empty list of connector configs is required", where)
+        subs = []
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict):
+                raise ConfigError(f"{where}.{i}: expected an object", f"{where}.{i}")
+            spec = {"kv_role": config.kv_role, "kv_load_failure_policy": config.kv_load_failure_policy, **spec}
+            try:
+                subs.append(parse_kv_transfer_config(spec))
+            except ValueError as e:
+                raise ConfigError(str(e).replace("kv_transfer_config.", f"{where}.{i}.", 1)) from None
+        return subs
+
+    @classmethod
+    def validate_config(cls, config: KVTransferConfig) -> None:
+        cls.sub_configs(config)
+
     def __init__(self, config: KVTransferConfig, layout: KVLayout):
         super().__init__(config, layout)
         from kvtier.connectors.registry import create_connector
-        specs = self.extra.get("connectors")
-        if not isinstance(specs, list) or not specs:
-            raise ValueError("kv_transfer_config.kv_connector_extra_config.connectors: "
-                             "a non-empty list of connector configs is required")
-        self.connectors: list[KVConnectorBase] = []
-        for i, spec in enumerate(specs):
-            if not isinstance(spec, dict):
-                raise ValueError(f"kv_transfer_config.kv_connector_extra_config.connectors.{i}: expected an object")
-            spec = {"kv_role": config.kv_role, "kv_load_failure_policy": config.kv_load_failure_policy, **spec}
-            try:
-                sub = parse_kv_transfer_config(spec)
-            except ValueError as e:
-                raise ValueError(str(e).replace("kv_transfer_config.",
-                                                f"kv_transfer_config.kv_connector_extra_config.connectors.{i}.")) from None
-            self.connectors.append(create_connector(sub, layout))
+        self.connectors: list[KVConnectorBase] = [create_connector(sub, layout) for sub in self.sub_configs(config)]
         self._chosen: dict[str, int] = {}   # request -> the connector its hit loads from
         self._holding: dict[str, set[int]] = {}  # request -> connectors still reading its blocks
 
@@ -73,6 +82,10 @@ class MultiConnector(KVConnectorBase):
         if holding:
             self._holding[request.request_id] = holding
         return bool(holding)
+
+    def enable_kv_events(self) -> None:
+        for c in self.connectors:
+            c.enable_kv_events()
 
     def take_events(self) -> list:
         return [e for c in self.connectors for e in c.take_events()]

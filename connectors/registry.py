@@ -5,6 +5,7 @@ import importlib
 
 from kvtier.connectors.base import KVConnectorBase, KVLayout
 from kvtier.connectors.config import KNOWN_CONNECTORS, KVTransferConfig
+from kvtier.kvstore.validation import ConfigError
 
 # name -> "module:Class", imported on first use so that an unused connector's
 # dependencies are never loaded.
@@ -23,19 +24,23 @@ def register_connector(name: str, target: str) -> None:
 def connector_class(config: KVTransferConfig) -> type[KVConnectorBase]:
     name = config.kv_connector
     if config.kv_connector_module_path:
-        module = importlib.import_module(config.kv_connector_module_path)
+        try:
+            module = importlib.import_module(config.kv_connector_module_path)
+        except ImportError as e:
+            raise ConfigError(f"kv_transfer_config.kv_connector_module_path: cannot import "
+                              f"{config.kv_connector_module_path!r}: {e}", "kv_connector_module_path") from None
         cls = getattr(module, name, None)
         if cls is None:
-            raise ValueError(f"kv_transfer_config.kv_connector: module {config.kv_connector_module_path!r} "
+            raise ConfigError(f"kv_transfer_config.kv_connector: module {config.kv_connector_module_path!r} "
                              f"has no class {name!r}")
     elif name in _BUILTIN:
         module_name, cls_name = _BUILTIN[name].split(":")
         cls = getattr(importlib.import_module(module_name), cls_name)
     else:
-        raise ValueError(f"kv_transfer_config.kv_connector: unknown connector {name!r}; known: "
+        raise ConfigError(f"kv_transfer_config.kv_connector: unknown connector {name!r}; known: "
                          f"{', '.join(sorted(_BUILTIN))} (or set kv_connector_module_path)")
     if not (isinstance(cls, type) and issubclass(cls, KVConnectorBase)):
-        raise ValueError(f"kv_transfer_config.kv_connector: {name!r} is not a KVConnectorBase subclass")
+        raise ConfigError(f"kv_transfer_config.kv_connector: {name!r} is not a KVConnectorBase subclass")
     return cls
 
 

@@ -27,12 +27,29 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kv_transfer_config: Any = None  # connectors.config.KVTransferConfig
+    kv_events_config: Any = None  # connectors.kv_events.KVEventsConfig
 
     @field_validator("kv_transfer_config", mode="before")
     @classmethod
     def _parse_kv_transfer_config(cls, value: Any):
         from kvtier.connectors.config import parse_kv_transfer_config
         return parse_kv_transfer_config(value)
+
+    @field_validator("kv_events_config", mode="before")
+    @classmethod
+    def _parse_kv_events_config(cls, value: Any):
+        import json
+
+        from kvtier.connectors.kv_events import KVEventsConfig
+        from kvtier.kvstore.validation import ConfigError, validate
+        if value is None or isinstance(value, KVEventsConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"kv_events_config: invalid JSON: {e}") from None
+        return validate(KVEventsConfig, value, ("kv_events_config",))
 
     @model_validator(mode="after")
     def _check(self):

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from kvtier.connectors.kv_events import make_publisher
 from kvtier.engine.attention.paged import paged_attention_fused
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
@@ -63,6 +64,11 @@ class LLMEngine:
                                                config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size)
         self.connector = self._make_connector()
+        self.kv_events = make_publisher(config.kv_events_config)
+        if self.kv_events is not None:
+            self.kv_cache_manager.enable_events()
+            if self.connector is not None:
+                self.connector.enable_kv_events()
         policy = config.kv_transfer_config.kv_load_failure_policy if self.connector else "recompute"
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.connector, policy)
@@ -227,7 +233,15 @@ class LLMEngine:
                                           s.request.num_computed_tokens, s.num_new_tokens)
                          for s in sched.scheduled], sched.finished_req_ids)
 
+    def _publish_events(self) -> None:
+        events = self.kv_cache_manager.take_events()
+        if self.connector is not None:
+            events += self.connector.take_events()
+        self.kv_events.publish(events)
+
     def _finish_outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
+        if self.kv_events is not None:
+            self._publish_events()
         outputs = [out for g in touched.values() if (out := g.output()) is not None]
         for g in touched.values():
             if g.finished:
@@ -238,6 +252,10 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the connector's background work (pending stores are flushed by it)."""
+        if self.kv_events is not None:
+            self._publish_events()
+            self.kv_events.shutdown()
+            self.kv_events = None
         if self.connector is not None:
             self.connector.shutdown()
             self.connector = self.model.connector = self.scheduler.connector = None

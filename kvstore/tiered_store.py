@@ -95,17 +95,26 @@ class TieredStore:
                 name = self._name_for(spec)
                 tier = spec.build(context)
                 tier.name = name
+                tier.kv_events = spec.enable_kv_events
                 self.tiers[name] = tier
                 self._workers[name] = TierWorker(name, spec.workers, spec.queue_depth)
         except BaseException:
             self.close()
             raise
+        # listener(tier name, tier kind, "stored" | "removed", keys): KV events.
+        self.listener = None
+        for name, tier in self.tiers.items():
+            tier.on_change = partial(self._tier_changed, name, tier.kind)
         # write-back: (tier holding a block, key) -> the allowed tiers below it still to write
         self._below: dict[tuple[str, str], tuple[str, ...]] = {}
         self._below_lock = threading.Lock()
         if write_mode == "write_back":
             for name, tier in self.tiers.items():
                 tier.on_evict = partial(self._hand_down, name)
+
+    def _tier_changed(self, name: str, kind: str, what: str, keys: list[str]) -> None:
+        if self.listener is not None:
+            self.listener(name, kind, what, keys)
 
     def _name_for(self, spec) -> str:
         if spec.name:

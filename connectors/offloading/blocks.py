@@ -51,6 +51,16 @@ class OffloadBlocks:
         return make_key(self.namespace, self.layout.model_fingerprint, self._layout_ids[group],
                         self.last_hash(block_hashes, j))
 
+    def group_of(self, key: str) -> int | None:
+        """The KV cache group a key of this layout names (None: not ours)."""
+        layout = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else ""
+        return self._layout_ids.index(layout) if layout in self._layout_ids else None
+
+    @staticmethod
+    def hash_of(key: str) -> bytes:
+        """The device block hash that names an offload block: the key's last part."""
+        return bytes.fromhex(key.rsplit("/", 1)[-1])
+
     # -- what a hit needs --------------------------------------------------
     def boundary(self, hit: int, num_prompt_tokens: int) -> int:
         """First token computed after a hit of `hit` offload blocks: the prompt's

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvtier.kvstore.tiered_store import TieredStore
 from kvtier.policies.registry import make_request_policy
 from kvtier.policies.request_policy import RequestDecision, RequestInfo
 
+from .. import kv_events
 from ..base import ConnectorMetadata, ConnectorRequest, FinishedTransfers, KVConnectorBase, KVLayout, StepPlan
 from ..config import KVTransferConfig
 from ..staging import StagingBuffers
 from .blocks import LoadPlan, OffloadBlocks
-from .config import OffloadingConfig, parse_extra_config
+from .config import OffloadingConfig, parse_offloading_config
 from .loads import Loads
 from .lookups import Lookups
+from .specs import make_spec
 from .transfer import DeviceCopier
 
 logger = logging.getLogger("kvtier.connectors")
@@ -68,24 +70,24 @@ class BoundedCounter:
 
 
 class OffloadingConnector(KVConnectorBase):
+    @classmethod
+    def validate_config(cls, config: KVTransferConfig) -> None:
+        parse_offloading_config(dict(config.kv_connector_extra_config))
+
     def __init__(self, config: KVTransferConfig, layout: KVLayout):
         super().__init__(config, layout)
-        self.cfg: OffloadingConfig = parse_extra_config(self.extra, OffloadingConfig)
-        bs = layout.block_size
-        self.blocks = OffloadBlocks(layout, self.cfg.block_size or max(bs, (256 // bs) * bs), self.cfg.namespace)
+        self.cfg: OffloadingConfig = parse_offloading_config(self.extra)
+        self.blocks = OffloadBlocks(layout, self.cfg.offload_tokens(layout.block_size), self.cfg.namespace)
         self.offload_tokens = self.blocks.tokens
         self.block_shape = self.blocks.shape
         block_bytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=layout.dtype).element_size()
         cpu_bytes = self.cfg.num_cpu_blocks * block_bytes if self.cfg.num_cpu_blocks else self.cfg.cpu_bytes_to_use
-        self.store = TieredStore(
-            block_shape=self.block_shape, dtype=layout.dtype, cpu_bytes=cpu_bytes,
-            secondary_specs=self.cfg.secondary_tiers, model_fingerprint=layout.model_fingerprint,
-            eviction_policy=self.cfg.eviction_policy, cache_policy_module_path=self.cfg.cache_policy_module_path,
-            write_mode=self.cfg.write_mode, block_tokens=self.offload_tokens)
+        self.store = make_spec(self.cfg).build_store(self.block_shape, layout.dtype, cpu_bytes,
+                                                     layout.model_fingerprint, self.offload_tokens)
         self.request_policy = make_request_policy(self.cfg.request_policy, self.cfg.request_policy_module_path,
                                                   **self.cfg.request_policy_config)
         self.lookups = Lookups(self.store, self.cfg.load_timeout_s)
-        self.seen = BoundedCounter()
+        self.seen = BoundedCounter(self.cfg.max_tracker_size)
         # Per request, dropped in request_finished however the request ends.
         self.decisions: dict[str, RequestDecision] = {}
         self.saved_upto: dict[str, int] = {}  # offload blocks of a request already in the store
@@ -182,8 +184,10 @@ class OffloadingConnector(KVConnectorBase):
                 for g in self.layout.groups:
                     blocks = self.blocks.saveable(s.block_ids[g.index], j)
                     if blocks is not None:
-                        save.keys.append(self.blocks.key(g.index, req.block_hashes, j))
+                        key = self.blocks.key(g.index, req.block_hashes, j)
+                        save.keys.append(key)
                         save.src_blocks.append(blocks)
+                        self._note_key(key, g.index, req.block_hashes, j, req.all_token_ids)
             if save.keys:
                 saves.append(save)
         return saves
@@ -231,6 +235,53 @@ class OffloadingConnector(KVConnectorBase):
     def take_finished(self, finished_req_ids: set[str]) -> FinishedTransfers:
         loaded = self._loads.take_results() if self._loads is not None else {}
         return FinishedTransfers(loaded=loaded)
+
+    # -- KV events ------------------------------------------------------------
+    def enable_kv_events(self) -> None:
+        self._events: list | None = []
+        self._events_lock = threading.Lock()
+        self._key_info: OrderedDict[str, tuple] = OrderedDict()  # key -> what its events say, bounded
+        self.store.listener = self._tier_changed
+
+    def _note_key(self, key: str, group: int, hashes: list[bytes], j: int, token_ids: list[int]) -> None:
+        if getattr(self, "_events", None) is None:
+            return
+        per = self.blocks.per_offload
+        info = (group, hashes[j * per:(j + 1) * per], hashes[j * per - 1] if j else None,
+                token_ids[j * self.offload_tokens:(j + 1) * self.offload_tokens])
+        with self._events_lock:
+            self._key_info[key] = info
+            self._key_info.move_to_end(key)
+            while len(self._key_info) > self.cfg.max_tracker_size:
+                self._key_info.popitem(last=False)
+
+    def _tier_changed(self, name: str, kind: str, what: str, keys: list[str]) -> None:
+        """From a tier's thread: its blocks as events, in the engine's block hashes."""
+        if not self.store.tiers[name].kv_events:
+            return
+        events = []
+        with self._events_lock:
+            for key in keys:
+                info = self._key_info.get(key)
+                group, hashes, parent, tokens = info or (self.blocks.group_of(key), [self.blocks.hash_of(key)],
+                                                         None, [])
+                if group is None:
+                    continue
+                window = self.layout.groups[group].sliding_window
+                if what == "stored":
+                    full = self.cfg.self_describing_kv_events and info is not None
+                    events.append(kv_events.stored(hashes, parent if full else None, tokens if full else [],
+                                                   self.layout.block_size, kind, group, window))
+                else:
+                    events.append(kv_events.removed(hashes, kind, group))
+            self._events.extend(events)
+
+    def take_events(self) -> list:
+        if getattr(self, "_events", None) is None:
+            return []
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
 
     # -- introspection -----------------------------------------------------
     def stats(self) -> dict[str, dict[str, float]]:

@@ -182,7 +182,7 @@ class Scheduler:
         holders = [r for r in self.waiting if r is not req and r.num_computed_tokens]
         if holders:
             for r in holders:  # their loaded blocks stay in the prefix cache
-                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens)
+                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
                 self.kv_cache.free(r.request_id)
                 r.num_computed_tokens = 0
             return False
@@ -245,7 +245,7 @@ class Scheduler:
         req.num_external_tokens = 0
         if good == loaded:
             req.num_computed_tokens = loaded
-            self.kv_cache.cache_blocks(rid, req.block_hashes, loaded)
+            self.kv_cache.cache_blocks(rid, req.block_hashes, loaded, req.all_token_ids)
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
             return
@@ -260,7 +260,7 @@ class Scheduler:
         # block is given back, and the request is admitted again as if new (a
         # fresh device hit, no stale block ahead of it, nothing written into a
         # shared block). It does not go back to the tiers: it computes the rest.
-        self.kv_cache.cache_blocks(rid, req.block_hashes, good)
+        self.kv_cache.cache_blocks(rid, req.block_hashes, good, req.all_token_ids)
         self.kv_cache.free(rid)
         req.num_computed_tokens = 0
         req.skip_connector = True
@@ -293,7 +293,8 @@ class Scheduler:
         for s in out.scheduled:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens
-            self.kv_cache.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens)
+            self.kv_cache.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens,
+                                       req.all_token_ids)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
         """End a request (stopped, aborted); its blocks go back now, or once

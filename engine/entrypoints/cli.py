@@ -12,6 +12,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from kvtier.engine.config import EngineConfig
+from kvtier.kvstore.validation import ConfigError, describe
 
 
 class UsageError(Exception):
@@ -42,6 +43,9 @@ def _add_engine_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     serve.add_argument("--kv-transfer-config", metavar="JSON|@FILE",
                        help="vLLM-style KV connector config, inline JSON or @path/to/file.json")
+    serve.add_argument("--kv-events-config", metavar="JSON",
+                       help='vLLM-style KV events, e.g. \'{"enable_kv_cache_events": true, "publisher": "zmq", '
+                            '"endpoint": "tcp://*:5557"}\'')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +77,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         return EngineConfig(**fields)
     except ValidationError as e:
         err = e.errors()[0]
+        _, message = describe({**err, "loc": ()})
         flag = f"argument --{err['loc'][0].replace('_', '-')}: " if err["loc"] else ""
-        raise UsageError(flag + err["msg"].removeprefix("Value error, ")) from None
+        raise UsageError(flag + message) from None
     except ValueError as e:  # parse_kv_transfer_config names the field itself
         raise UsageError(str(e)) from None
 
@@ -89,6 +94,8 @@ def serve(args: argparse.Namespace) -> None:
 
     try:
         engine = AsyncLLMEngine.from_config(config)
+    except ConfigError as e:  # caught while building a part: still the configuration's fault
+        raise UsageError(str(e)) from None
     except (ValueError, OSError) as e:  # a model that is not there or not supported
         raise UsageError(f"cannot load model {config.model!r}: {e}") from None
     try:

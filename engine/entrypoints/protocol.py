@@ -12,20 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvtier.engine.core.sampling_params import SamplingParams
 from kvtier.engine.errors import RequestError
-
-
-def describe_validation_error(err: dict, skip: int = 0) -> tuple[str | None, str]:
-    """(dotted field path, message) for one pydantic error; `skip` drops leading
-    loc parts that are not field names (FastAPI's "body")."""
-    loc = err.get("loc", ())[skip:]
-    param = ".".join(str(part) for part in loc) or None
-    msg = err["msg"]
-    if err["type"] == "value_error":
-        msg = str(err["ctx"]["error"])  # without pydantic's "Value error, " prefix
-    elif err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return param, f"{param}: {msg}" if param else msg
-
+from kvtier.kvstore.validation import describe
 
 # -- requests ------------------------------------------------------------------
 
@@ -96,7 +83,7 @@ class GenerationRequest(OpenAIRequest):
         try:
             return SamplingParams(**self._sampling_fields())
         except ValidationError as e:
-            param, message = describe_validation_error(e.errors()[0])
+            param, message = describe(e.errors()[0])
             field = self._request_field(param)
             raise RequestError(message.replace(f"{param}:", f"{field}:", 1), field) from None
 

@@ -27,6 +27,7 @@ from kvtier.engine.entrypoints import protocol as p
 from kvtier.engine.entrypoints.async_engine import EngineDeadError, merge_delta
 from kvtier.engine.entrypoints.metrics import make_registry, render
 from kvtier.engine.errors import RequestError
+from kvtier.kvstore.validation import describe
 
 logger = logging.getLogger("kvtier.server")
 
@@ -54,7 +55,7 @@ def _describe_request_validation(exc: RequestValidationError) -> APIError:
     err = exc.errors()[0]
     if err["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
-    param, message = p.describe_validation_error(err, skip=1)  # loc starts with "body"
+    param, message = describe(err, skip=1)  # loc starts with "body"
     return APIError(400, message if param else f"request body: {message}", param)
 
 

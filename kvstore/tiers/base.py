@@ -93,6 +93,10 @@ class Tier(ABC):
         self.stats = TierStats()
         self.health = health or Health()
         self.on_evict: EvictionHook | None = None
+        # on_change(what, keys), what "stored" or "removed": for KV events. Called
+        # on whichever thread made the change, after its locks are released.
+        self.on_change: Callable[[str, list[str]], None] | None = None
+        self.kv_events = True  # publish this tier's changes when KV events are on (secondary tiers: opt in)
         self.block_nbytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=dtype).element_size()
 
     @property
@@ -157,6 +161,13 @@ class Tier(ABC):
 
     def close(self) -> None:
         """Release connections and threads."""
+
+    def _changed(self, what: str, keys: list[str]) -> None:
+        if keys and self.on_change is not None:
+            try:
+                self.on_change(what, keys)
+            except Exception:  # an observer's bug is not the tier's failure
+                logger.exception("tier %s: change listener failed", self.name)
 
     def _guard(self, operation, default, *args):
         if not self.health.available():

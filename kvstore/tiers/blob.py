@@ -200,6 +200,7 @@ class BlobTier(Tier):
         self.stats.add(errors=sum(failed), dropped=sum(failed))
         for i, bad in zip(chosen, failed):
             written[i] = not bad
+        self._changed("stored", [keys[i] for i in chosen if written[i]])
         return written
 
     def _delete(self, keys: list[str]) -> None:
@@ -208,6 +209,7 @@ class BlobTier(Tier):
             with self._lock:
                 for key in keys:
                     self._index.remove(key)
+        self._changed("removed", keys)
 
     def _usage(self) -> dict:
         if self._index is None:
@@ -269,6 +271,7 @@ class BlobTier(Tier):
                 self.on_evict([victims[i] for i in kept], [blocks[i] for i in kept])
         self.backend.delete(victims)
         self.stats.add(evictions=len(victims))
+        self._changed("removed", victims)
 
     def _read_into(self, keys: list[str], out: Sequence[torch.Tensor]) -> tuple[list[bool], list[str], list[str]]:
         """Verified reads: which keys were found whole, which were ours but
@@ -322,6 +325,7 @@ class BlobTier(Tier):
             with self._lock:
                 for key in keys:
                     self._index.remove(key)
+        self._changed("removed", keys)
 
     def _pin(self, keys: list[str]) -> list[str]:
         if self._index is None:

@@ -78,6 +78,8 @@ class CpuTier(Tier):
             for slot in spare:
                 heapq.heappush(self._free, slot)
         self.stats.add(evictions=len(victims), dropped=dropped)
+        self._changed("removed", [key for key, _ in victims])
+        self._changed("stored", [keys[i] for i in fresh])
         done = set(fresh)
         return [i in done for i in range(len(keys))]
 
@@ -99,15 +101,18 @@ class CpuTier(Tier):
         return [view is not None for view in views]
 
     def _delete(self, keys: list[str]) -> None:
+        gone = []
         with self._lock:
             for key in keys:
                 if self._index.remove(key):
+                    gone.append(key)
                     slot = self._slot_of.pop(key)
                     if self._index.is_pinned(key):
                         self._doomed[key] = slot
                         self._index.capacity -= 1  # the slot is still taken until released
                     else:
                         heapq.heappush(self._free, slot)
+        self._changed("removed", gone)
 
     def _usage(self) -> dict:
         with self._lock:

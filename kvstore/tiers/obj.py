@@ -18,7 +18,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from fsspec.asyn import sync
-from pydantic import PositiveInt, SecretStr, model_validator
+from pydantic import AliasChoices, Field, PositiveInt, SecretStr, model_validator
 
 from ..buffers import ReadintoStream
 from .blob import BlobBackend, BlobTier, Sink, info_mtime
@@ -37,6 +37,8 @@ class ObjSpec(TierSpec):
     scheme: Literal["http", "https"] = "https"
     access_key: SecretStr | None = None
     secret_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    ca_bundle: str | None = None  # a CA file for https endpoints
     region: str | None = None
     project: str | None = None  # GCS
     token: str | None = None  # GCS: "anon", "google_default", a key file...
@@ -46,7 +48,17 @@ class ObjSpec(TierSpec):
     # a test emulator) no more than its cores, which it shares with us. Against
     # moto on 2 cores, 8 in flight read 11.8 MB blocks at 0.78-0.86 of one-by-one
     # boto3 and 2 in flight at 1.03-1.08.
-    concurrency: PositiveInt | None = None
+    concurrency: PositiveInt | None = Field(None, validation_alias=AliasChoices("concurrency", "io_threads"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_config(cls, data):
+        """vLLM's newer shape nests the store's keys in `store_config`."""
+        if isinstance(data, dict) and isinstance(data.get("store_config"), dict):
+            data = {**data}
+            for key, value in data.pop("store_config").items():
+                data.setdefault(key, value)
+        return data
 
     @model_validator(mode="after")
     def _location(self):
@@ -80,9 +92,8 @@ class ObjSpec(TierSpec):
         if self.concurrency:
             return self.concurrency
         host = urlsplit(self.endpoint_url).hostname if self.endpoint_url else None
-        if host in ("localhost", "127.0.0.1", "::1"):
-            return min(8, max(2, os.cpu_count() or 2))
-        return 8
+        local = self.locality == "LOCAL" if self.locality else host in ("localhost", "127.0.0.1", "::1")
+        return min(8, max(2, os.cpu_count() or 2)) if local else 8
 
     def filesystem(self):
         secret = lambda value: value.get_secret_value() if value else None  # noqa: E731
@@ -95,12 +106,18 @@ class ObjSpec(TierSpec):
                                  endpoint_url=self.endpoint_url, skip_instance_cache=True, use_listings_cache=False)
         import s3fs
 
+        client_kwargs = {"region_name": self.region or "us-east-1"}
+        if self.ca_bundle:
+            client_kwargs["verify"] = self.ca_bundle
         return s3fs.S3FileSystem(
-            key=secret(self.access_key), secret=secret(self.secret_key), endpoint_url=self.endpoint_url,
-            client_kwargs={"region_name": self.region or "us-east-1"},
+            key=secret(self.access_key), secret=secret(self.secret_key), token=secret(self.session_token),
+            endpoint_url=self.endpoint_url, client_kwargs=client_kwargs,
             config_kwargs={
                 "connect_timeout": self.timeout_s, "read_timeout": self.timeout_s,
-                "retries": {"max_attempts": 1},
+                # botocore's own retries (standard mode: exponential back-off with
+                # jitter, SlowDown and 5xx retried), so one throttled request is not
+                # a failed tier; the tier's own back-off handles a store that is down.
+                "retries": {"max_attempts": 3, "mode": "standard"},
                 # The block format carries its own checksum, checked end to end:
                 # a second checksum per request would only cost time.
                 "request_checksum_calculation": "when_required",

@@ -22,10 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis as redis_py
-from pydantic import PositiveInt, field_validator
-from redis.backoff import NoBackoff
+from pydantic import PositiveInt, SecretStr, field_validator, model_validator
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .blob import BlobBackend, BlobTier, Sink
@@ -37,7 +38,8 @@ MAX_PIECE = 3 << 20
 
 class RedisSpec(TierSpec):
     type: Literal["redis"] = "redis"
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = "redis://127.0.0.1:6379/0"  # a password in it moves to `password`, out of every log
+    password: SecretStr | None = None
     ttl: PositiveInt | None = None  # seconds; None: kept until Redis evicts it (maxmemory-policy)
     key_prefix: str = "kvtier:"
     connections: PositiveInt = 2  # batches are split over this many connections
@@ -49,9 +51,21 @@ class RedisSpec(TierSpec):
             raise ValueError("url must start with redis://, rediss:// or unix://")
         return url
 
+    @model_validator(mode="after")
+    def _password_out_of_the_url(self):
+        parts = urlsplit(self.url)
+        if parts.password is not None:
+            if self.password is None:
+                self.password = SecretStr(unquote(parts.password))
+            user = f"{parts.username}@" if parts.username else ""
+            netloc = user + (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+            self.url = urlunsplit(parts._replace(netloc=netloc))
+        return self
+
     def build(self, ctx: TierContext) -> BlobTier:
         backend = RedisBackend(self.url, ctx.codec.encoded_size, ttl=self.ttl, key_prefix=self.key_prefix,
-                               connections=self.connections, timeout_s=self.timeout_s)
+                               connections=self.connections, timeout_s=self.timeout_s,
+                               password=self.password.get_secret_value() if self.password else None)
         return BlobTier(self.name or self.type, "redis", backend, ctx.codec, health=self.health())
 
 
@@ -99,14 +113,19 @@ def _pieces(parts: list, size: int) -> list[list]:
 
 class RedisBackend(BlobBackend):
     def __init__(self, url: str, object_size: Callable[[str], int], *, ttl: int | None = None,
-                 key_prefix: str = "kvtier:", connections: int = 2, timeout_s: float = 5.0) -> None:
+                 key_prefix: str = "kvtier:", connections: int = 2, timeout_s: float = 5.0,
+                 password: str | None = None) -> None:
         self.object_size = object_size  # the fields to ask for follow from the block's size
         self.ttl = ttl
         self.key_prefix = key_prefix
         self.connections = connections
-        # No retries inside redis-py: the tier's own back-off decides when to try again.
+        # redis-py retries a command on a dropped connection, with back-off; a
+        # server that stays down is then the tier's back-off's business. The bulk
+        # reads and writes bypass its command layer: one failure there is a miss.
+        extra = {"password": password} if password else {}
         self._pool = redis_py.ConnectionPool.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2), **extra)
         self._client = redis_py.Redis(connection_pool=self._pool)
         self._threads = ThreadPoolExecutor(connections, thread_name_prefix="kv-redis")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt
 
@@ -22,6 +23,15 @@ class TierSpec(BaseModel):
     max_backoff_s: PositiveFloat = 30.0
     workers: PositiveInt = 2  # background threads of the tiered store for this tier
     queue_depth: PositiveInt = 64  # pending jobs before stores are dropped
+    # vLLM's per-tier keys. module_path (an out-of-tree tier) is read by the
+    # registry before a spec is chosen. enable_kv_events: this tier's stores
+    # and evictions are published as KV events. locality: "REMOTE" or "LOCAL"
+    # overrides the guess from the address (requests in flight). backpressure:
+    # vLLM's detector settings; kvtier drops stores when a tier's queue is full
+    # (queue_depth) instead, so they are accepted and not used.
+    enable_kv_events: bool = False
+    locality: Literal["LOCAL", "REMOTE"] | None = None
+    backpressure: dict[str, Any] | None = None
 
     def health(self) -> Health:
         return Health(self.backoff_s, self.max_backoff_s)

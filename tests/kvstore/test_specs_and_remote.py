@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import redis
-from pydantic import ValidationError
 
 from kvtier.kvstore.tiers import parse_tier_spec
+from kvtier.kvstore.validation import ConfigError
 
 from kv_helpers import block_keys, random_blocks
 
@@ -45,21 +45,39 @@ def test_obj_picks_s3_or_gcs_by_scheme(fields, provider, root):
     assert (spec.provider, spec.root) == (provider, root)
 
 
-@pytest.mark.parametrize("spec, field", [
-    ({"type": "obj", "url": "ftp://x"}, "obj"),
-    ({"type": "obj"}, "obj"),
-    ({"type": "obj", "bucket": "b", "scheme": "gopher"}, "obj.scheme"),
-    ({"type": "redis", "url": "http://x"}, "redis.url"),
-    ({"type": "redis", "ttl": 0}, "redis.ttl"),
-    ({"type": "fs", "path": "/a", "url": "file:///b"}, "fs"),
-    ({"type": "fs", "max_bytes": "lots"}, "fs.max_bytes"),
-    ({"type": "fs", "colour": "blue"}, "fs.colour"),
-    ({"type": "tape"}, "type"),
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "obj", "url": "ftp://x"}, "obj tier url scheme 'ftp'"),
+    ({"type": "obj"}, "needs `bucket` or `url`"),
+    ({"type": "obj", "bucket": "b", "scheme": "gopher"}, "scheme: "),
+    ({"type": "redis", "url": "http://x"}, "url: url must start with redis://"),
+    ({"type": "redis", "ttl": 0}, "ttl: "),
+    ({"type": "fs", "path": "/a", "url": "file:///b"}, "not both"),
+    ({"type": "fs", "max_bytes": "lots"}, "max_bytes: "),
+    ({"type": "fs", "colour": "blue"}, "colour: unknown field"),
+    ({"type": "fs", "root_dirr": "/a"}, "root_dirr: unknown field (did you mean root_dir?)"),
+    ({"type": "tape"}, "type: unknown tier type 'tape'"),
 ])
-def test_a_bad_spec_raises_naming_the_field(spec, field):
-    with pytest.raises(ValidationError) as caught:
+def test_a_bad_spec_raises_naming_the_field(spec, message):
+    with pytest.raises(ConfigError) as caught:
         parse_tier_spec(spec)
-    assert field in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_vllm_tier_keys_mean_what_they_mean_in_vllm():
+    fs = parse_tier_spec({"type": "fs", "root_dir": "/a", "n_read_threads": 3, "n_write_threads": 1,
+                          "enable_kv_events": True, "locality": "LOCAL", "backpressure": {"x": 1}})
+    assert (fs.path, fs.n_read_threads, fs.n_write_threads, fs.enable_kv_events) == ("/a", 3, 1, True)
+    assert parse_tier_spec({"type": "fs", "path": "/b"}).root_dir == "/b"  # kvtier's older key
+    nested = parse_tier_spec({"type": "obj", "store_config": {"bucket": "kv", "endpoint_override": "h:9000",
+                                                               "access_key": "A", "secret_key": "hush-hush-42"},
+                              "io_threads": 3, "prefix": "p"})
+    assert (nested.root, nested.endpoint_url, nested.in_flight()) == ("kv/p", "https://h:9000", 3)
+    assert "hush-hush-42" not in repr(nested) and nested.secret_key.get_secret_value() == "hush-hush-42"
+    remote = parse_tier_spec({"type": "obj", "bucket": "kv", "endpoint_override": "127.0.0.1:9", "locality": "REMOTE"})
+    assert remote.in_flight() == 8
+    redis_spec = parse_tier_spec({"type": "redis", "url": "redis://user:s3cret@h:6379/2"})
+    assert redis_spec.url == "redis://user@h:6379/2" and redis_spec.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(redis_spec)
 
 
 def test_redis_blocks_expire_after_their_ttl(make_tier, redis_srv):

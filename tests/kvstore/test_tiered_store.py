@@ -6,9 +6,9 @@ import threading
 
 import pytest
 import torch
-from pydantic import ValidationError
 
 from kvtier.kvstore import TieredStore
+from kvtier.kvstore.validation import ConfigError
 from kvtier.policies import RequestInfo, make_request_policy
 
 from kv_helpers import FINGERPRINT, SHAPE, bit_equal, block_keys, random_blocks
@@ -181,7 +181,7 @@ def test_a_corrupt_lower_tier_object_is_a_miss_through_the_store(make_store, spe
 
 
 def test_a_bad_spec_names_the_field_and_starts_nothing(spec_for):
-    with pytest.raises(ValidationError, match="max_bytes"):
+    with pytest.raises(ConfigError, match="max_bytes"):
         TieredStore(SHAPE, torch.float32, BLOCK_BYTES, [spec_for("fs"), {"type": "fs", "max_bytes": "lots"}])
     with pytest.raises(ValueError, match="write_mode"):
         TieredStore(SHAPE, torch.float32, BLOCK_BYTES, [], write_mode="sometimes")

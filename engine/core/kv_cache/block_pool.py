@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from kvtier.connectors import kv_events
+
 # (group index, block hash): hashes are per group because groups hold different layers.
 BlockKey = tuple[int, bytes]
 
@@ -39,6 +41,8 @@ class BlockPool:
         self.num_evicted_cached = 0
         # Called with the key of a cached block whose KV is about to be overwritten.
         self.on_evict = None
+        # KV events (kvtier.connectors.kv_events), when they are on: appended here, taken by the engine.
+        self.events: list | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,13 +86,15 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
-    def cache(self, block: KVCacheBlock, key: BlockKey) -> None:
+    def cache(self, block: KVCacheBlock, key: BlockKey) -> bool:
+        """Publish a block under `key`; True if it was not published before."""
         if not self.enable_caching or block.is_null or block.key is not None:
-            return
+            return False
         if key in self._cached:  # an identical block is cached already; keep the first
-            return
+            return False
         block.key = key
         self._cached[key] = block
+        return True
 
     def _drop_hash(self, block: KVCacheBlock) -> None:
         if block.key is None:
@@ -98,11 +104,17 @@ class BlockPool:
             self.num_evicted_cached += 1
             if self.on_evict is not None:
                 self.on_evict(block.key)
+            if self.events is not None:
+                self.events.append(kv_events.removed([block.key[1]], kv_events.DEVICE, block.key[0]))
         block.key = None
 
     def reset_prefix_cache(self) -> bool:
         if any(b.ref_cnt for b in self.blocks[1:]):
             return False
+        events, self.events = self.events, None  # one AllBlocksCleared, not a removal per block
         for block in self.blocks[1:]:
             self._drop_hash(block)
+        self.events = events
+        if events is not None:
+            events.append(kv_events.AllBlocksCleared())
         return True

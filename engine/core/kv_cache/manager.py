@@ -77,10 +77,22 @@ class KVCacheManager:
     def holds_blocks(self, req_id: str) -> bool:
         return any(mgr.req_blocks.get(req_id) for mgr in self.managers)
 
-    def cache_blocks(self, req_id: str, block_hashes: list[bytes], num_computed_tokens: int) -> None:
+    def cache_blocks(self, req_id: str, block_hashes: list[bytes], num_computed_tokens: int,
+                     token_ids: list[int] | None = None) -> None:
+        """Publish full blocks of computed KV; `token_ids` (the request's) go into KV events."""
         if self.enable_caching:
             for mgr in self.managers:
-                mgr.cache_full_blocks(req_id, block_hashes, num_computed_tokens)
+                mgr.cache_full_blocks(req_id, block_hashes, num_computed_tokens, token_ids)
+
+    def enable_events(self) -> None:
+        self.pool.events = []
+
+    def take_events(self) -> list:
+        events = self.pool.events
+        if not events:
+            return []
+        self.pool.events = []
+        return events
 
     def free(self, req_id: str) -> None:
         for mgr in self.managers:

@@ -11,6 +11,7 @@ hold; admission, the cold path and the hit path all count blocks with it.
 """
 from __future__ import annotations
 
+from kvtier.connectors import kv_events
 from kvtier.engine.core.kv_cache.block_pool import BlockPool, KVCacheBlock
 from kvtier.engine.core.kv_cache.spec import KVCacheGroup, SlidingWindowSpec
 
@@ -101,15 +102,32 @@ class SingleTypeManager:
         """Free blocks no future query can attend to; returns how many were freed."""
         return 0
 
-    def cache_full_blocks(self, req_id: str, block_hashes: list[bytes], num_tokens: int) -> None:
+    def cache_full_blocks(self, req_id: str, block_hashes: list[bytes], num_tokens: int,
+                          token_ids: list[int] | None = None) -> None:
         """Publish the request's blocks that hold `num_tokens` of computed (or loaded) KV."""
         blocks = self.blocks(req_id)
         start = self.num_cached_blocks.get(req_id, 0)
         end = min(num_tokens // self.block_size, len(block_hashes), len(blocks))
+        run: list[int] = []  # blocks published now, in a row: one event
         for i in range(start, end):
-            if not blocks[i].is_null:  # a position this group never held
-                self.pool.cache(blocks[i], (self.group.index, block_hashes[i]))
+            # A null block is a position this group never held.
+            fresh = not blocks[i].is_null and self.pool.cache(blocks[i], (self.group.index, block_hashes[i]))
+            if fresh and (not run or run[-1] == i - 1):
+                run.append(i)
+                continue
+            self._stored_event(run, block_hashes, token_ids)
+            run = [i] if fresh else []
+        self._stored_event(run, block_hashes, token_ids)
         self.num_cached_blocks[req_id] = max(start, end)
+
+    def _stored_event(self, run: list[int], block_hashes: list[bytes], token_ids: list[int] | None) -> None:
+        if not run or self.pool.events is None or token_ids is None:
+            return
+        bs = self.block_size
+        self.pool.events.append(kv_events.stored(
+            [block_hashes[i] for i in run], block_hashes[run[0] - 1] if run[0] else None,
+            token_ids[run[0] * bs:(run[-1] + 1) * bs], bs, kv_events.DEVICE, self.group.index,
+            getattr(self.group.spec, "window", None)))
 
     def free(self, req_id: str) -> None:
         blocks = self.req_blocks.pop(req_id, [])
