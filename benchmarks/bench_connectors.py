@@ -4,7 +4,7 @@
 
 1. TTFT (wall time of generate(max_tokens=1)) of 2048- and 4096-token prompts
    (random token ids 100..40000, a new prompt for every measurement) whose KV
-   comes from the cpu, fs, obj (moto S3) or redis tier, with the device prefix
+   comes from the cpu, fs, obj (moto S3), redis or store (daemon) tier, with the device prefix
    cache holding none of it; against cold recompute of a prompt of the same
    length on the same engine configuration, in the same run.
      cpu:   one engine; cold prompt, flush, drop the device prefix cache, again.
@@ -88,8 +88,8 @@ from kvtier.engine.model.loader import load_model  # noqa: E402
 
 import servers  # noqa: E402
 
-TIERS = ("cpu", "fs", "obj", "redis")
-TTFT_TARGETS = {"cpu": 1 / 20, "fs": 1 / 10, "obj": 1 / 5, "redis": 1 / 5}  # tier TTFT / cold TTFT
+TIERS = ("cpu", "fs", "obj", "redis", "store")
+TTFT_TARGETS = {"cpu": 1 / 20, "fs": 1 / 10, "obj": 1 / 5, "redis": 1 / 5, "store": 1 / 10}  # tier TTFT / cold TTFT
 CHAT_TARGET = 1 / 5  # mean TTFT with offloading / without
 ONE = SamplingParams(temperature=0, max_tokens=1)
 
@@ -173,7 +173,7 @@ def bench_ttft(loaded, specs: dict, args, rng: random.Random) -> list[dict]:
     # A pool for one 4096-token request and then some; the same for every engine.
     engine_kwargs = {"num_gpu_blocks_override": args.ttft_pool_blocks}
     rows = []
-    for tier in TIERS:
+    for tier in args.tiers:
         case = TierCase(tier, specs.get(tier), loaded, args, engine_kwargs)
         try:
             case.measure(512, rng)  # warm the whole path once: connections, threads, first files
@@ -374,6 +374,7 @@ def main() -> None:
     ap.add_argument("--chat-clients", type=int, default=1,
                     help="chat: users at once, each sending its next turn when its reply is complete "
                          "(1: one request at a time, the configurations taking turns)")
+    ap.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS), help="TTFT: the tiers to measure")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-chat", action="store_true")
     args = ap.parse_args()
@@ -398,11 +399,15 @@ def main() -> None:
     try:
         with ExitStack() as stack:
             if not args.skip_ttft:
-                redis = stack.enter_context(servers.redis_server())
-                s3 = stack.enter_context(servers.s3_server())
-                specs = {"fs": {"type": "fs", "path": os.path.join(scratch, "ttft-fs")},
-                         "obj": s3.tier_spec(s3.create_bucket("kvtier-bench")),
-                         "redis": {"type": "redis", "url": redis.url}}
+                specs = {"fs": {"type": "fs", "path": os.path.join(scratch, "ttft-fs")}}
+                if "redis" in args.tiers:
+                    specs["redis"] = {"type": "redis", "url": stack.enter_context(servers.redis_server()).url}
+                if "obj" in args.tiers:
+                    s3 = stack.enter_context(servers.s3_server())
+                    specs["obj"] = s3.tier_spec(s3.create_bucket("kvtier-bench"))
+                if "store" in args.tiers:  # the daemon as its own process: a fresh replica's hit
+                    daemon = stack.enter_context(servers.store_daemon("--cpu-bytes", str(4 << 30)))
+                    specs["store"] = daemon.tier_spec()
                 ttft = bench_ttft(loaded, specs, args, rng)
         if not args.skip_chat:
             chat, chat_setup = bench_chat(loaded, os.path.join(scratch, "chat-fs"), args)

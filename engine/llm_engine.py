@@ -18,6 +18,7 @@ from kvtier.engine.core.scheduler import Scheduler
 from kvtier.engine.core.stats import TTFT_BUCKETS, EngineStats, Histogram
 from kvtier.engine.detokenizer import IncrementalDetokenizer
 from kvtier.engine.errors import RequestError
+from kvtier.engine.input_processor import InputProcessor
 from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.loader import LoadedModel, load_model
 from kvtier.engine.model.runner import ModelRunner, kv_page_bytes
@@ -70,6 +71,10 @@ class LLMEngine:
             if self.connector is not None:
                 self.connector.enable_kv_events()
         policy = config.kv_transfer_config.kv_load_failure_policy if self.connector else "recompute"
+        self.input = InputProcessor(
+            self.tokenizer, self.max_model_len, cfg.vocab_size,
+            lambda tokens: self.kv_cache_manager.max_blocks_needed(tokens, config.max_num_batched_tokens),
+            self.num_blocks - 1)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.connector, policy)
         self._choose_attention()
@@ -140,34 +145,19 @@ class LLMEngine:
         self.runner.fused_attention = True
 
     # -- requests ----------------------------------------------------------
-    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer(prompt).input_ids
-        if not prompt or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
-            raise RequestError("prompt token ids must be a non-empty list of ids within the vocabulary", "prompt")
-        return None, list(prompt)
-
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    cache_salt: str | None = None, output_kind: OutputKind = "cumulative") -> None:
+                    cache_salt: str | None = None, output_kind: OutputKind = "cumulative",
+                    prompt_text: str | None = None) -> None:
+        """`prompt`: text, or token ids (then `prompt_text` may say what they were tokenized from)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
-        text, ids = self.tokenize(prompt)
-        if not ids:
-            raise RequestError("the prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                f"{len(ids)} tokens (max_model_len leaves no room to generate).", "prompt", "context_length_exceeded")
-        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        needed = self.kv_cache_manager.max_blocks_needed(len(ids) + max_tokens, self.config.max_num_batched_tokens)
-        if needed > self.num_blocks - 1:
-            raise RequestError(
-                f"the request needs up to {needed} KV cache blocks but the pool holds {self.num_blocks - 1}; "
-                f"shorten the prompt or max_tokens, or give the engine more KV cache memory", "prompt")
+        text, ids = self.input.tokenize(prompt)
+        text = text if text is not None else prompt_text
+        max_tokens = self.input.max_tokens(len(ids), params)
         eos = tuple(self.model_config.eos_token_ids)
         children = []
         for i in range(params.n):
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else (params.seed + i) % (1 << 64)  # a generator takes 64 bits
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(child_id, ids, params, max_tokens, self.block_size, cache_salt, seed, eos))
         group = RequestGroup(request_id, text, ids, params, children,

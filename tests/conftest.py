@@ -21,7 +21,7 @@ def hf_reference(default_model):
     return AutoModelForCausalLM.from_pretrained(**default_model.hf_reference, dtype=torch.float32).eval()
 
 
-# Real servers (redis-server, moto's S3, fake-gcs-server) on 127.0.0.1, one each per session.
+# Real servers (redis-server, moto's S3, fake-gcs-server, kvtier store) on 127.0.0.1, one each per session.
 @pytest.fixture(scope="session")
 def redis_srv():
     import servers
@@ -37,7 +37,36 @@ def s3_srv():
 
 
 @pytest.fixture(scope="session")
+def store_srv():
+    """A `kvtier store` daemon process (memory only, 256 MiB)."""
+    import servers
+    with servers.store_daemon("--cpu-bytes", str(256 << 20)) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="session")
 def gcs_srv():
     import servers
     with servers.gcs_server() as server:
         yield server
+
+
+_libc = None
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    """Hand memory freed by a test back to the OS. Engines allocate and drop
+    pools of hundreds of MB; glibc keeps freed arenas mapped, and over the
+    suite the resident size of one pytest process otherwise climbs past the
+    machine's memory."""
+    yield
+    global _libc
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass

@@ -18,6 +18,6 @@ python -m pip install -q -c tests/constraints.txt -e '.[test]'
 # reason) only if triton cannot be installed here.
 python -m pip install -q 'triton>=3.0' || echo "triton could not be installed: its tests will be skipped"
 # Fetch the default model once, before the tests start timing anything.
-python -c "from engine.model_loader import resolve_model_path; print('model:', resolve_model_path(None))"
+python -c "from kvtier.engine.model.loader import resolve_model_path; print('model:', resolve_model_path(None))"
 
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -1,5 +1,6 @@
 """Real servers for tests and benchmarks, on 127.0.0.1 and free ports:
-redis-server, moto's standalone S3 server, fake-gcs-server, and kvtier serve itself.
+redis-server (alone, or three as a Redis Cluster), moto's standalone S3
+server, fake-gcs-server, kvtier serve and kvtier store.
 
 Each is a class with start()/stop() (stop then start again keeps the port,
 to test a server coming back) and a context manager function that yields a
@@ -110,6 +111,75 @@ class RedisServer:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+class RedisClusterServer:
+    """`size` redis-servers (RedisServer, each in its own scratch directory)
+    made one Redis Cluster by `redis-cli --cluster create`: primaries only,
+    every slot assigned. A node keeps its cluster config (nodes.conf) in its
+    directory, so one stopped and started again (stop_node / start_node)
+    rejoins on the same port as the same member, with its slots and empty."""
+
+    def __init__(self, size: int = 3, *extra_args: str) -> None:
+        # The cluster bus port is given too: the default, port + 10000, may be taken or past 65535.
+        self.nodes = [RedisServer(None, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                  "--cluster-port", str(free_port()), *extra_args) for _ in range(size)]
+        self._created = False
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://{HOST}:{port}" for port in self.ports]
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    def start(self) -> "RedisClusterServer":
+        for node in self.nodes:
+            node.start()
+        if not self._created:
+            cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+            done = subprocess.run([cli, "--cluster", "create", *(f"{HOST}:{port}" for port in self.ports),
+                                   "--cluster-replicas", "0", "--cluster-yes"],
+                                  capture_output=True, text=True, timeout=60)
+            if done.returncode:
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+            self._created = True
+        self.wait_until_ok()
+        return self
+
+    def wait_until_ok(self, timeout: float = 30.0) -> None:
+        """Until CLUSTER INFO says cluster_state:ok on every node."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            with redis.Redis(host=HOST, port=port, socket_timeout=1, socket_connect_timeout=1) as client:
+                while True:
+                    try:
+                        if client.execute_command("CLUSTER INFO").get("cluster_state") == "ok":
+                            break
+                    except redis.RedisError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the cluster is not ok on {HOST}:{port} after {timeout}s")
+                    time.sleep(0.05)
+
+    def stop_node(self, i: int) -> None:
+        self.nodes[i].stop()
+
+    def start_node(self, i: int) -> None:
+        """Start a stopped node again and wait until the cluster is whole."""
+        self.nodes[i].start()
+        self.wait_until_ok()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
 class MotoS3Server:
     """moto's standalone server (`python -m moto.server`), S3 over HTTP."""
 
@@ -209,12 +279,26 @@ def redis_server(*extra_args: str) -> Iterator[RedisServer]:
     return _running(RedisServer(None, *extra_args))
 
 
+def redis_cluster(size: int = 3, *extra_args: str) -> Iterator[RedisClusterServer]:
+    return _running(RedisClusterServer(size, *extra_args))
+
+
 def s3_server() -> Iterator[MotoS3Server]:
     return _running(MotoS3Server())
 
 
 def gcs_server() -> Iterator[FakeGcsServer]:
     return _running(FakeGcsServer())
+
+
+def tier_metric(url: str, name: str, **labels: str) -> float:
+    """One labelled sample of a `kvtier serve` process's /metrics."""
+    import httpx
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{{{want}}} not exposed")
 
 
 class KvtierServer:
@@ -264,6 +348,84 @@ class KvtierServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+class StoreDaemon:
+    """A live `kvtier store` process (python -m kvtier store). stop() then
+    start() keeps the port and the fs directory: a restart, warm from disk."""
+
+    def __init__(self, *args: str, fs_path: str | None = None, token: str | None = None) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.args = args
+        self.fs_path = fs_path
+        self.token = token
+        self._process: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()
+
+    @property
+    def url(self) -> str:
+        return f"kvtier://{HOST}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}"
+
+    def tier_spec(self, **extra) -> dict:
+        return {"type": "store", "url": self.url, **({"token": self.token} if self.token else {}), **extra}
+
+    def start(self) -> "StoreDaemon":
+        if self._process is not None and self._process.poll() is None:
+            return self
+        repo = Path(__file__).resolve().parents[1]
+        cmd = [sys.executable, "-m", "kvtier", "store", "--host", HOST, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), "--log-level", "warning", *self.args]
+        if self.fs_path:
+            cmd += ["--fs-path", self.fs_path]
+        env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env.pop("KVTIER_STORE_TOKEN", None)
+        if self.token:
+            env["KVTIER_STORE_TOKEN"] = self.token
+        self._process = subprocess.Popen(cmd, cwd=repo, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_http(f"{self.metrics_url}/health", timeout=60)
+        except OSError:
+            raise RuntimeError(f"kvtier store did not come up:\n{self.output()[-3000:]}") from None
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.metrics_url}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as a crash would leave it."""
+        if self.running():
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        stop_process(self._process)
+        self._process = None
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+
+
+def store_daemon(*args: str, **kwargs) -> Iterator[StoreDaemon]:
+    return _running(StoreDaemon(*args, **kwargs))
 
 
 class DelayingProxy:

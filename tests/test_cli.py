@@ -34,7 +34,11 @@ def run_cli(capsys, *argv: str) -> tuple[int, str]:
     (["serve", "a.gguf", "--model", "b.gguf"], "--model"),
     (["serve", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
     (["serve", "--no-such-flag"], "--no-such-flag"),
-    (["store"], "not implemented yet"),
+    (["store", "--cpu-bytes", "0"], "cpu_bytes"),
+    (["store", "--eviction-policy", "mru"], "eviction_policy"),
+    (["store", "--fs-bytes", "100"], "fs_bytes needs fs_path"),
+    (["store", "--config", "/nonexistent/store.json"], "/nonexistent/store.json"),
+    (["store", "--token-file", "/nonexistent/token"], "token_file"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_it(capsys, argv, named):
     code, err = run_cli(capsys, *argv)

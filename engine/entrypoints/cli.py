@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import NoReturn
 
 from pydantic import ValidationError
 
 from kvtier.engine.config import EngineConfig
+from kvtier.kvstore.daemon.config import TOKEN_ENV as STORE_TOKEN_ENV
 from kvtier.kvstore.validation import ConfigError, describe
 
 
@@ -56,11 +58,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on /v1/*")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on every route but /health "
+                                         "(KVTIER_API_KEY in the environment keeps it out of `ps`)")
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without the API key")
+    serve.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                       help="largest request body accepted (413 beyond it)")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
-    commands.add_parser("store", help="run the shared KV store daemon (not available yet)")
+    _add_store_args(commands.add_parser("store", help="run the KV store daemon that engine replicas share"))
     return parser
+
+
+def _add_store_args(store: argparse.ArgumentParser) -> None:
+    # dest == the StoreConfig field; None: the config file's value or the model's default.
+    store.add_argument("--config", dest="config_file", metavar="FILE", help="a JSON file of StoreConfig fields")
+    store.add_argument("--host")
+    store.add_argument("--port", type=int)
+    store.add_argument("--cpu-bytes", type=int, help="the memory pool, in bytes")
+    store.add_argument("--fs-path", help="directory the daemon persists objects to (and reloads them from)")
+    store.add_argument("--fs-bytes", type=int, help="capacity of --fs-path in bytes")
+    store.add_argument("--eviction-policy", help="lru, lfu, arc or s3fifo")
+    store.add_argument("--token-file", help=f"file holding the shared token (or ${STORE_TOKEN_ENV})")
+    store.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics and /health on this port")
+    store.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run_store(args: argparse.Namespace) -> None:
+    import signal
+
+    import zmq
+
+    from kvtier.kvstore.daemon import StoreServer, load_store_config
+
+    fields = ("host", "port", "cpu_bytes", "fs_path", "fs_bytes", "eviction_policy", "token_file", "metrics_port")
+    try:
+        cfg = load_store_config(args.config_file, {name: getattr(args, name) for name in fields})
+        server = StoreServer(cfg)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    except (OSError, zmq.ZMQError) as e:  # the port is taken, the directory cannot be made
+        raise UsageError(f"cannot start: {e}") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop())
+    metrics = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+    print(f"kvtier store: listening on tcp://{cfg.host}:{server.port}{metrics}", flush=True)
+    server.serve_forever()
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -99,7 +142,9 @@ def serve(args: argparse.Namespace) -> None:
     except (ValueError, OSError) as e:  # a model that is not there or not supported
         raise UsageError(f"cannot load model {config.model!r}: {e}") from None
     try:
-        app = build_app(engine, config.served_names, args.api_key)
+        api_key = args.api_key or os.environ.get("KVTIER_API_KEY") or None
+        app = build_app(engine, config.served_names, api_key, metrics_public=args.metrics_public,
+                        max_request_bytes=args.max_request_bytes)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                log_level=args.uvicorn_log_level))
         server.run()
@@ -119,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(args)
             return 0
         if args.command == "store":
-            raise UsageError("not implemented yet")
+            run_store(args)
+            return 0
     except UsageError as e:
         parser.exit(2, f"kvtier {args.command}: error: {e}\n")
     parser.print_help()

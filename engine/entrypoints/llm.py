@@ -54,8 +54,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm, cache_salt)
 
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
-        return list(self.engine.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, **kwargs))
+        return self.engine.input.chat(conversation, add_generation_prompt, **kwargs)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvtier.engine.core.sampling_params import SamplingParams
 from kvtier.engine.errors import RequestError
@@ -34,6 +34,27 @@ _NEUTRAL_VALUES: dict[str, Any] = {
 }
 
 
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string in `value` that is not valid Unicode (JSON
+    allows "\ud800" alone; nothing downstream can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}.{i}")
+            if found:
+                return found
+    return None
+
+
 class GenerationRequest(OpenAIRequest):
     """The sampling fields that completions and chat share."""
     model: str | None = None  # like vLLM: the first served name when omitted
@@ -56,6 +77,14 @@ class GenerationRequest(OpenAIRequest):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        bad = _lone_surrogate(data)
+        if bad:
+            raise RequestError(f"{bad}: a string holds a lone surrogate, which is not valid Unicode", bad)
+        return data
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -82,25 +82,69 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, e: Exception):
-        logger.exception("unhandled error")
-        return error_response(APIError(500, f"internal server error: {e}", type="internal_server_error"))
+        # The client learns only that it was not its fault, and an id the log carries.
+        incident = uuid.uuid4().hex[:12]
+        logger.exception("unhandled error (incident %s)", incident)
+        return error_response(APIError(500, f"internal error (incident {incident})", type="internal_server_error"))
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/*. Plain ASGI, so that it
-    does not get between a streaming response and its disconnect detection."""
+    """Requires `Authorization: Bearer <key>` (the scheme in any case, as HTTP
+    allows) on every route but /health, and /metrics when it is public. Plain
+    ASGI, so that it does not get between a streaming response and its
+    disconnect detection."""
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, open_paths: frozenset[str] = frozenset({"/health"})):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.expected):
                 response = error_response(APIError(401, "invalid or missing API key", code="invalid_api_key"))
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuses a request body over `limit` bytes with a 413, from its
+    Content-Length at once, or as soon as a chunked body passes the limit:
+    nothing a client sends is held beyond it. The body is read here (it is
+    read whole anyway) and handed on as it came."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = error_response(APIError(413, f"the request body is larger than {self.limit} bytes",
+                                          code="request_too_large"))
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await too_big(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: disconnects, for the streaming responses
+
+        await self.app(scope, replay, send)
 
 
 # -- from the engine's deltas to choices ----------------------------------------
@@ -280,9 +324,13 @@ async def _sse_events(results: AsyncIterator[RequestOutput], first: RequestOutpu
                 for delta in tracker.update(last):
                     yield _sse(fmt.chunk(delta, None), include_usage)
         except Exception as e:  # headers are gone: report in the stream
-            logger.exception("generation failed mid-stream")
-            error = p.ErrorInfo(message=f"generation failed: {e}", type="internal_server_error")
-            yield _sse(p.ErrorResponse(error=error))
+            if isinstance(e, EngineDeadError):
+                message = "the engine is not running"
+            else:
+                incident = uuid.uuid4().hex[:12]
+                logger.exception("generation failed mid-stream (incident %s)", incident)
+                message = f"internal error (incident {incident})"
+            yield _sse(p.ErrorResponse(error=p.ErrorInfo(message=message, type="internal_server_error")))
         else:
             if last.error:
                 error = p.ErrorInfo(message=last.error, type="internal_server_error", code="kv_load_failed")
@@ -316,15 +364,8 @@ class OpenAIServing:
     async def chat(self, body: p.ChatCompletionRequest, raw: Request) -> Response:
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.check_model(body.model), self.engine.tokenizer,
                          top_logprobs=body.top_logprobs or 0)
-        return await self._run(body, self._chat_prompt(body), fmt, raw)
-
-    def _chat_prompt(self, body: p.ChatCompletionRequest) -> list[int]:
-        try:
-            ids = self.engine.tokenizer.apply_chat_template(
-                [m.for_template() for m in body.messages], add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # the template rejects what the client sent (roles out of order, ...)
-            raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
-        return list(ids)
+        ids = await self.engine.chat_prompt([m.for_template() for m in body.messages])
+        return await self._run(body, ids, fmt, raw)
 
     async def _run(self, body: p.GenerationRequest, prompt: str | list[int], fmt: ResponseFormat,
                    raw: Request) -> Response:
@@ -350,13 +391,19 @@ class OpenAIServing:
 
 # -- the app ---------------------------------------------------------------------
 
-def build_app(engine, served_model_names: list[str], api_key: str | None) -> FastAPI:
+DEFAULT_MAX_REQUEST_BYTES = 32 << 20
+
+
+def build_app(engine, served_model_names: list[str], api_key: str | None, *, metrics_public: bool = False,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="kvtier", version=kvtier_version())
     serving = OpenAIServing(engine, served_model_names or [engine.model_name])
     registry = make_registry(engine.stats)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=max_request_bytes)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        open_paths = frozenset({"/health", "/metrics"} if metrics_public else {"/health"})
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
 
     @app.get("/health")
     async def health() -> Response:

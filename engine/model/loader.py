@@ -232,7 +232,17 @@ def _hf_rope_scaling(rope_scaling: dict | None) -> dict | None:
     # Older configs name the type "type"; transformers copies it to "rope_type".
     if "type" in scaling:
         scaling["rope_type"] = scaling["type"]
-    return scaling
+    return None if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1 else scaling
+
+
+def _hf_rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from a config written by transformers 4
+    (rope_theta, rope_scaling) or 5 (one rope_parameters dict holding both)."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return float(params["rope_theta"]), _hf_rope_scaling(scaling or None)
+    return float(cfg["rope_theta"]), _hf_rope_scaling(cfg["rope_scaling"])
 
 
 def hf_model_config(model_dir: Path) -> ModelConfig:
@@ -261,8 +271,8 @@ def _model_config_from_hf(architecture: str, cfg: dict, generation: dict) -> Mod
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
         rms_norm_eps=float(cfg["rms_norm_eps"]),
-        rope_theta=float(cfg["rope_theta"]),
-        rope_scaling=_hf_rope_scaling(cfg["rope_scaling"]),
+        rope_theta=_hf_rope(cfg)[0],
+        rope_scaling=_hf_rope(cfg)[1],
         max_position_embeddings=cfg["max_position_embeddings"],
         tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
         # Qwen2 always has q/k/v bias; Mistral never; Llama when configured.
@@ -326,16 +336,24 @@ def _load_gguf(path: Path, name: str, dtype: torch.dtype) -> LoadedModel:
 
 
 def _load_hf_dir(model_dir: Path, name: str, dtype: torch.dtype) -> LoadedModel:
-    from transformers import AutoTokenizer
-
     config = hf_model_config(model_dir)
     files = hf_weight_files(model_dir)
     return LoadedModel(name=name, config=config,
                        weights=load_hf_weights(files, config, dtype),
-                       tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                       tokenizer=hf_dir_tokenizer(model_dir),
                        fingerprint=model_fingerprint(config, [file_digest(f) for f in files]),
                        hf_reference={"pretrained_model_name_or_path": str(model_dir),
                                      "gguf_file": None})
+
+
+def hf_dir_tokenizer(model_dir: Path):
+    """The tokenizer saved in an HF directory. A tokenizer.json defines it whole,
+    and is loaded as it is: transformers 5's AutoTokenizer picks a class by the
+    model type instead, which can ignore the saved tokenizer (seen with 5.24)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if (model_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def load_model(model: str | None, dtype: torch.dtype = torch.float32) -> LoadedModel:

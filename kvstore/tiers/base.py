@@ -46,6 +46,17 @@ class TierStats:
             return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
+def contains_by_prefix(exists: Callable[[list[str]], int], keys: list[str]) -> list[bool]:
+    """Per key, whether it is held, from a prefix test alone: each call
+    skips the first missing key and asks again about the rest."""
+    found, start = [False] * len(keys), 0
+    while start < len(keys):
+        n = exists(keys[start:])
+        found[start:start + n] = [True] * n
+        start += n + 1
+    return found
+
+
 class Health:
     """Exponential back-off after failures: 1x, 2x, 4x ... `backoff_s`, up to `max_backoff_s`."""
 
@@ -97,6 +108,7 @@ class Tier(ABC):
         # on whichever thread made the change, after its locks are released.
         self.on_change: Callable[[str, list[str]], None] | None = None
         self.kv_events = True  # publish this tier's changes when KV events are on (secondary tiers: opt in)
+        self._logged_causes: set[str] = set()
         self.block_nbytes = torch.Size(self.block_shape).numel() * torch.empty((), dtype=dtype).element_size()
 
     @property
@@ -177,22 +189,28 @@ class Tier(ABC):
         except Exception as error:  # a tier failure is a miss, never the caller's problem
             self.health.failed(error)
             self.stats.add(errors=1)
-            logger.warning("tier %s: %s failed: %r", self.name, operation.__name__, error)
+            self._log_failure(operation.__name__, error)
             return default
         self.health.succeeded()
         return result
+
+    def _log_failure(self, operation: str, error: BaseException) -> None:
+        """A warning the first time a cause is seen, then debug: a tier that is
+        down for an hour must not fill the log (every failure is counted)."""
+        cause = f"{operation} failed: {error!r}"
+        if cause in self._logged_causes:
+            logger.debug("tier %s: %s", self.name, cause)
+            return
+        if len(self._logged_causes) < 256:
+            self._logged_causes.add(cause)
+        logger.warning("tier %s: %s (repeats are logged at debug level)", self.name, cause)
 
     @abstractmethod
     def _exists(self, keys: list[str]) -> int: ...
 
     def _contains(self, keys: list[str]) -> list[bool]:
         # Tiers with a cheaper batched membership test override this.
-        found, start = [False] * len(keys), 0
-        while start < len(keys):
-            n = self._exists(keys[start:])
-            found[start:start + n] = [True] * n
-            start += n + 1
-        return found
+        return contains_by_prefix(self._exists, keys)
 
     @abstractmethod
     def _get(self, keys: list[str], out: Sequence[torch.Tensor]) -> list[bool]:

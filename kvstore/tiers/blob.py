@@ -19,7 +19,7 @@ import torch
 from ..block_format import BlockCodec, CorruptBlockError
 from ..buffers import rows_of
 from ..fence import WriteFence
-from .base import Health, Tier
+from .base import Health, Tier, contains_by_prefix
 from .capacity import CapacityIndex
 
 logger = logging.getLogger(__name__)
@@ -55,12 +55,7 @@ class BlobBackend(ABC):
 
     def contains(self, names: Sequence[str]) -> list[bool]:
         """Per name, whether it exists; backends with a batched test override this."""
-        found, start = [False] * len(names), 0
-        while start < len(names):
-            n = self.exists(names[start:])
-            found[start:start + n] = [True] * n
-            start += n + 1
-        return found
+        return contains_by_prefix(self.exists, list(names))
 
     @abstractmethod
     def delete(self, names: Sequence[str]) -> None:
@@ -194,9 +189,9 @@ class BlobTier(Tier):
         self._settle([keys[i] for i in chosen], failed)
         if all(failed):
             raise errors[0]
-        for i, error in zip(chosen, errors):
+        for error in errors:
             if error is not None:
-                logger.warning("tier %s: writing %s failed: %s", self.name, keys[i], error)
+                self._log_failure("writing a block", error)
         self.stats.add(errors=sum(failed), dropped=sum(failed))
         for i, bad in zip(chosen, failed):
             written[i] = not bad

@@ -1,4 +1,4 @@
-"""Build a tier from its JSON spec by `type`: "cpu", "fs", "obj", "redis", or
+"""Build a tier from its JSON spec by `type`: "cpu", "fs", "obj", "redis", "store", or
 an out-of-tree tier named by `module_path` (as vLLM loads one).
 
 Specs are validated with pydantic; a bad one raises a ConfigError (a
@@ -20,6 +20,7 @@ from .fs import FsSpec
 from .obj import ObjSpec
 from .redis import RedisSpec
 from .spec import TierContext, TierSpec
+from .store import StoreSpec
 
 
 class CpuSpec(TierSpec):
@@ -31,8 +32,8 @@ class CpuSpec(TierSpec):
                        ctx.policy_factory(self.eviction_policy), health=self.health())
 
 
-AnyTierSpec = Annotated[Union[CpuSpec, FsSpec, ObjSpec, RedisSpec], Field(discriminator="type")]
-_BUILT_IN = {"cpu": CpuSpec, "fs": FsSpec, "obj": ObjSpec, "redis": RedisSpec}
+AnyTierSpec = Annotated[Union[CpuSpec, FsSpec, ObjSpec, RedisSpec, StoreSpec], Field(discriminator="type")]
+_BUILT_IN = {"cpu": CpuSpec, "fs": FsSpec, "obj": ObjSpec, "redis": RedisSpec, "store": StoreSpec}
 
 
 class ExternalTierSpec(TierSpec):

@@ -1,6 +1,6 @@
 """Fixtures for the kvstore tests: builders of tiers on fresh locations (a
 directory, a bucket, a key prefix) of the real servers that tests/conftest.py
-starts once per session (redis_srv, s3_srv, gcs_srv)."""
+starts once per session (redis_srv, s3_srv, gcs_srv, store_srv)."""
 from __future__ import annotations
 
 import uuid
@@ -26,6 +26,8 @@ def spec_for(tmp_path, request):
         if kind == "redis":
             return {"type": "redis", "url": request.getfixturevalue("redis_srv").url,
                     "key_prefix": f"t{unique}:", **extra}
+        if kind == "store":  # one daemon; keys of a fresh namespace each time
+            return request.getfixturevalue("store_srv").tier_spec(**extra)
         if kind in ("s3", "gcs"):
             server = request.getfixturevalue(f"{kind}_srv")
             return server.tier_spec(server.create_bucket(f"b-{unique}"), **extra)

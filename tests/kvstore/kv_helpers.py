@@ -12,7 +12,7 @@ from kvtier.policies import cache_policy_factory, make_cache_policy
 
 SHAPE = (2, 2, 8, 2, 4)  # layers, K/V, tokens, heads, head_dim: small and fast
 FINGERPRINT = "model-a"
-SECONDARY_KINDS = ["fs", "redis", "s3", "gcs"]  # s3: moto's server; gcs: fake-gcs-server
+SECONDARY_KINDS = ["fs", "redis", "s3", "gcs", "store"]  # s3: moto's server; gcs: fake-gcs-server; store: kvtier store
 ALL_KINDS = ["cpu", *SECONDARY_KINDS]
 
 

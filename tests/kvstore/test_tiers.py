@@ -92,7 +92,9 @@ FOREIGN = {
 def _read_with_one_replaced(tier, make_bytes):
     keys, blocks = block_keys(3), random_blocks(3)
     tier.put(keys, blocks)
-    # Overwrite the middle block through the backend itself: the bytes land where a real writer's would.
+    # Replace the middle block through the backend itself: the bytes land where a real writer's would
+    # (deleted first: the store daemon keeps the first object put under a key).
+    tier.backend.delete([keys[1]])
     tier.backend.write([keys[1]], [[make_bytes(keys[1], blocks[1])]])
     out = torch.zeros_like(blocks)
     got = tier.get(keys, out)
