@@ -10,7 +10,9 @@ Blocks are the default model's offload block: [30 layers, K/V, 256 tokens,
 batch. Each of N client processes puts its own fresh blocks, then gets them
 back; the daemon side goes through the real `store` tier (encode and
 checksum on put, verify into the destination tensor on get). Throughput is
-all clients' bytes over the phase's wall time; latency is per batch.
+all clients' bytes over the phase's wall time; latency is per batch. Each
+side runs --reps times, the order rotating; the tables give medians, and a
+ratio is the median of the paired runs' ratios.
 """
 from __future__ import annotations
 
@@ -178,6 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=12, help="batches of 4 blocks per client and phase")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--reps", type=int, default=5, help="runs of each side, medians reported")
     args = ap.parse_args()
     print("$ python -m benchmarks.bench_store " + " ".join(sys.argv[1:]), flush=True)
     print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
@@ -190,13 +193,22 @@ def main() -> None:
     with servers.store_daemon("--cpu-bytes", str(8 << 30)) as daemon, \
             servers.redis_server("--maxmemory", "8gb") as redis:
         addresses = {"store": daemon.url, "redis-py": redis.url, "pyzmq": zmq_endpoint}
+        kinds = list(CLIENTS)
         for dtype in (torch.float32, torch.float16):
             for clients in args.clients:
-                got = {kind: run(kind, addresses[kind], dtype, clients, args.rounds) for kind in CLIENTS}
-                s, r, z = got["store"], got["redis-py"], got["pyzmq"]
-                ratios = {"get_vs_zmq": s["get_GBps"] / z["get_GBps"], "get_vs_redis": s["get_GBps"] / r["get_GBps"],
-                          "put_vs_zmq": s["put_GBps"] / z["put_GBps"], "put_vs_redis": s["put_GBps"] / r["put_GBps"]}
-                results.append({"dtype": str(dtype), "clients": clients, **{k: v for k, v in got.items()}, **ratios})
+                reps: dict[str, list[dict]] = {kind: [] for kind in kinds}
+                for rep in range(args.reps):  # which side goes first rotates
+                    for kind in kinds[rep % 3:] + kinds[:rep % 3]:
+                        reps[kind].append(run(kind, addresses[kind], dtype, clients, args.rounds))
+                got = {kind: {metric: median([r[metric] for r in runs]) for metric in runs[0]}
+                       for kind, runs in reps.items()}
+
+                def ratio(metric, base):
+                    return median([a[metric] / b[metric] for a, b in zip(reps["store"], reps[base])])
+
+                ratios = {"get_vs_zmq": ratio("get_GBps", "pyzmq"), "get_vs_redis": ratio("get_GBps", "redis-py"),
+                          "put_vs_zmq": ratio("put_GBps", "pyzmq"), "put_vs_redis": ratio("put_GBps", "redis-py")}
+                results.append({"dtype": str(dtype), "clients": clients, **got, **ratios, "runs": reps})
                 name = str(dtype).removeprefix("torch.")
                 for kind in CLIENTS:
                     g = got[kind]
@@ -205,7 +217,7 @@ def main() -> None:
                 print(f"  {name} x{clients}: get/zmq {ratios['get_vs_zmq']:.2f} get/redis {ratios['get_vs_redis']:.2f} "
                       f"put/zmq {ratios['put_vs_zmq']:.2f}", flush=True)
     echo.terminate()
-    print_table("Store daemon vs raw redis-py and raw pyzmq (batches of 4 offload blocks)",
+    print_table(f"Store daemon vs raw redis-py and raw pyzmq (batches of 4 offload blocks, median of {args.reps})",
                 ["dtype", "clients", "client", "put GB/s", "put p50 ms", "put p99 ms", "get GB/s", "get p50 ms",
                  "get p99 ms"], rows)
     print_table("Ratios (daemon / baseline)", ["dtype", "clients", "get/pyzmq", "get/redis-py", "put/pyzmq",

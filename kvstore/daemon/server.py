@@ -34,7 +34,12 @@ from .objects import ObjectStore, Persistence
 
 logger = logging.getLogger(__name__)
 
-RECEIVE_QUEUE = 64  # messages per client connection waiting to be read
+# Per client connection: requests read off the wire before the loop takes
+# them (this bounds what one connection can make the daemon hold: this many
+# times max_object_bytes), and replies waiting to be written (past it, a
+# client that does not read its replies loses the newest ones).
+RECEIVE_QUEUE = 8
+SEND_QUEUE = 1000
 STATS_PERIOD_S = 0.5
 
 
@@ -55,7 +60,7 @@ class StoreServer:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, cfg.max_object_bytes + cfg.max_header_bytes)
         self._socket.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-        self._socket.setsockopt(zmq.SNDHWM, RECEIVE_QUEUE)
+        self._socket.setsockopt(zmq.SNDHWM, SEND_QUEUE)
         self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its identity back
         if cfg.port == 0:
             self.port = self._socket.bind_to_random_port(f"tcp://{cfg.host}")

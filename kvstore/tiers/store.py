@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -71,7 +71,8 @@ class StoreSpec(TierSpec):
     def build(self, ctx: TierContext) -> BlobTier:
         parts = urlsplit(self.url)
         backend = StoreBackend(f"tcp://{parts.hostname}:{parts.port}", self.secret(), timeout_s=self.timeout_s,
-                               in_flight=self.in_flight, max_request_bytes=self.max_request_bytes)
+                               in_flight=self.in_flight, max_request_bytes=self.max_request_bytes,
+                               object_size=ctx.codec.encoded_size)
         return BlobTier(self.name or self.type, "store", backend, ctx.codec, health=self.health())
 
 
@@ -108,12 +109,15 @@ class _FramesReader:
 
 class StoreBackend(BlobBackend):
     def __init__(self, endpoint: str, token: str = "", *, timeout_s: float = 5.0, in_flight: int = 8,
-                 max_request_bytes: int = 64 << 20) -> None:
+                 max_request_bytes: int = 64 << 20, get_request_bytes: int = 8 << 20,
+                 object_size: Callable[[str], int] | None = None) -> None:
         self.endpoint = endpoint
         self.token = token
         self.timeout_ms = int(timeout_s * 1000)
         self.in_flight = in_flight
         self.max_request_bytes = max_request_bytes
+        self.get_request_bytes = get_request_bytes
+        self.object_size = object_size
         self._context = zmq.Context(io_threads=1)
         self._local = threading.local()
         self._sockets: list[zmq.Socket] = []
@@ -218,11 +222,25 @@ class StoreBackend(BlobBackend):
         return errors
 
     def read(self, names: Sequence[str], sink: Sink) -> None:
-        requests = [(self._request("get", [name]), []) for name in names]
+        # Requests of about get_request_bytes each (by the objects' expected
+        # sizes): small blocks share a round trip, big ones go one by one; all
+        # pipelined, so the copy of one reply overlaps the next's transfer.
+        groups, group, size = [], [], 0
+        for i, name in enumerate(names):
+            group.append(i)
+            size += self.object_size(name) if self.object_size else self.get_request_bytes
+            if size >= self.get_request_bytes or i == len(names) - 1:
+                groups.append(group)
+                group, size = [], 0
+        requests = [(self._request("get", [names[i] for i in group]), []) for group in groups]
 
         def on_reply(position: int, reply: wire.Reply, frames) -> None:
-            if reply.parts and reply.parts[0]:
-                sink(position, _FramesReader(frames), sum(len(frame) for frame in frames))
+            start = 0
+            for i, count in zip(groups[position], reply.parts):
+                if count:
+                    mine = frames[start:start + count]
+                    start += count
+                    sink(i, _FramesReader(mine), sum(len(frame) for frame in mine))
 
         self._exchange(requests, on_reply, window=self.in_flight)
 
