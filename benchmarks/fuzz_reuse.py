@@ -5,8 +5,8 @@ says what a seed does and what must hold).
     python -m benchmarks.fuzz_reuse --start 5000 --seeds 50 --shapes qwen2-hybrid --tiers redis obj
 
 Seed s runs on shape SHAPES[s % len] and tier TIERS[(s // len(SHAPES)) % len],
-so any range covers every pair. redis-server and moto's S3 server run on
-127.0.0.1 for the whole run. Prints one line a seed, then how many ran clean
+so any range covers every pair. redis-server, moto's S3 server and a kvtier
+store daemon run on 127.0.0.1 for the whole run. Prints one line a seed, then how many ran clean
 per shape and tier; failures (with what differed) go to --report as JSON.
 """
 from __future__ import annotations
@@ -69,7 +69,8 @@ def main() -> int:
         scratch = Path(scratch_dir)
         models = load_shapes(args.shapes, scratch)
         running = {"redis": stack.enter_context(servers.redis_server()),
-                   "s3": stack.enter_context(servers.s3_server())}
+                   "s3": stack.enter_context(servers.s3_server()),
+                   "store": stack.enter_context(servers.store_daemon("--cpu-bytes", str(1 << 30)))}
         caches: dict[str, dict] = {name: {} for name in models}
         for seed in range(args.start, args.start + args.seeds):
             shape = args.shapes[seed % len(args.shapes)]

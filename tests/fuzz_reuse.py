@@ -1,8 +1,8 @@
 """Differential fuzzing of reuse: a seeded workload through a connector, with
 faults injected, against the same workload with no connector at all.
 
-A seed picks everything: the tier (cpu, fs, redis, obj on moto's S3, a
-MultiConnector), the offload block size (16-256 tokens), a device pool small
+A seed picks everything: the tier (cpu, fs, redis, obj on moto's S3, the
+kvtier store daemon, a MultiConnector), the offload block size (16-256 tokens), a device pool small
 enough to force eviction and preemption, the token budget, and the requests:
 prompts built from a few shared prefixes of random lengths plus random tails,
 a cache_salt on some, n > 1 on some, different max_tokens, aborts at random
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from kv_invariants import PageWitness
 
-TIERS = ("cpu", "fs", "redis", "obj", "multi")
+TIERS = ("cpu", "fs", "redis", "obj", "store", "multi")
 FAULTS = ("corrupt", "truncate", "tier_down", "slow_reads", "failing_puts")
 
 
@@ -109,6 +109,10 @@ class TierFaults:
         if self.kind == "redis":
             self.proxy = srv.DelayingProxy(self.servers["redis"].port, delay_s=0.0)
             return {"type": "redis", "url": self.proxy.url, "key_prefix": f"z{self.unique}:", **common}
+        if self.kind == "store":  # the daemon's key namespace is the connector's: fresh per seed anyway
+            daemon = self.servers["store"]
+            self.proxy = srv.DelayingProxy(daemon.port, delay_s=0.0, commands=(b"\xa3get",))  # msgpack "get"
+            return {**daemon.tier_spec(**common), "url": f"kvtier://{self.proxy.address}"}
         s3 = self.servers["s3"]
         self.bucket = s3.create_bucket(f"fz-{self.unique}")
         self.proxy = srv.DelayingProxy(s3.port, delay_s=0.0, commands=(b"GET ",))
@@ -148,6 +152,7 @@ class TierFaults:
                 block = torch.randn(tier.block_shape).to(tier.dtype)
                 data = b"".join(bytes(memoryview(part)) for part in tier.codec.encode(key, block))
                 try:
+                    tier.backend.delete([key])  # the store daemon keeps the first object put under a key
                     tier.backend.write([key], [[damage(data)]])
                 except Exception:
                     pass  # the tier is down: nothing to damage
@@ -168,6 +173,8 @@ class TierFaults:
                 self.root.rename(away)
         elif self.kind == "redis":
             self.servers["redis"].stop()
+        elif self.kind == "store":
+            self.servers["store"].kill()  # as a crash would
         else:
             self.servers["s3"].stop()
 
@@ -180,8 +187,8 @@ class TierFaults:
             if away.exists():
                 shutil.rmtree(self.root, ignore_errors=True)  # what was written while it was away is lost
                 away.rename(self.root)
-        elif self.kind == "redis":
-            self.servers["redis"].start()
+        elif self.kind in ("redis", "store"):
+            self.servers[self.kind].start()  # empty again: neither keeps anything on disk here
         else:
             self.servers["s3"].start()
             self.servers["s3"].create_bucket(self.bucket)  # an emulator restarted empty

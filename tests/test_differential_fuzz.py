@@ -10,7 +10,7 @@ import pytest
 import fuzz_reuse
 from tiny_models import save_tiny
 
-# (seed, shape): seed s takes tier TIERS[(s // 2) % 5] below, so these cover
+# (seed, shape): seed s takes tier TIERS[(s // 2) % 6] below, so these cover
 # every tier on both tiny shapes, and three tiers on the default model.
 TINY_SEEDS = list(range(100, 120))
 DEFAULT_SEEDS = [200, 205, 208]
@@ -26,8 +26,8 @@ def shapes(tmp_path_factory, default_model):
 
 
 @pytest.fixture(scope="module")
-def fuzz_servers(redis_srv, s3_srv):
-    return {"redis": redis_srv, "s3": s3_srv}
+def fuzz_servers(redis_srv, s3_srv, store_srv):
+    return {"redis": redis_srv, "s3": s3_srv, "store": store_srv}
 
 
 def tier_of(seed: int) -> str:
