@@ -1,14 +1,17 @@
-"""The synchronous engine core: add requests, step, collect outputs."""
+"""The synchronous engine core: add requests, step, collect outputs.
+
+It wires the parts (platform.py picks the device and sizes the pool,
+attention/selector.py picks the kernel, the connector comes from
+connectors/) and runs the step: schedule, forward, sample, output."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
 
 from kvtier.connectors.kv_events import make_publisher
-from kvtier.engine.attention.paged import paged_attention_fused
+from kvtier.engine.attention.selector import choose_attention
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
 from kvtier.engine.core.outputs import RequestOutput
@@ -21,25 +24,11 @@ from kvtier.engine.errors import RequestError
 from kvtier.engine.input_processor import InputProcessor
 from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.loader import LoadedModel, load_model
-from kvtier.engine.model.runner import ModelRunner, kv_page_bytes
+from kvtier.engine.model.runner import ModelRunner
 from kvtier.engine.output_processor import OutputKind, RequestGroup
+from kvtier.engine.platform import kv_pool_blocks, pick_device, pick_dtype
 
 logger = logging.getLogger("kvtier.engine")
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
@@ -60,7 +49,7 @@ class LLMEngine:
             # The model holds what it needs (prepacked linears are copies): keeping
             # the loader's tensors too would double the weights' memory.
             self.loaded.weights.clear()
-        self.num_blocks = self._num_blocks()
+        self.num_blocks = kv_pool_blocks(config, cfg, self.groups, self.max_model_len, self.device, self.dtype)
         self.kv_cache_manager = KVCacheManager(self.groups, self.num_blocks, self.block_size,
                                                config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size)
@@ -77,7 +66,7 @@ class LLMEngine:
             self.num_blocks - 1)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.connector, policy)
-        self._choose_attention()
+        choose_attention(self.model, self.runner, self.device)
         self.requests: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
         self.prompt_tokens_total = 0
@@ -87,19 +76,6 @@ class LLMEngine:
                     self.block_size, len(self.groups), self.device, self.dtype)
 
     # -- set-up ------------------------------------------------------------
-    def _num_blocks(self) -> int:
-        if self.config.num_gpu_blocks_override:
-            return self.config.num_gpu_blocks_override + 1  # plus the null block
-        page = kv_page_bytes(self.model_config, self.groups, self.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_utilization)
-        else:
-            budget = int(self.config.cpu_kv_cache_bytes * self.config.gpu_memory_utilization)
-        # No point in holding more than max_num_seqs full-length requests.
-        cap = self.config.max_num_seqs * len(self.groups) * -(-self.max_model_len // self.block_size) + 1
-        return max(2, min(budget // page, cap))
-
     def _make_connector(self):
         ktc = self.config.kv_transfer_config
         if ktc is None or ktc.kv_connector is None:
@@ -114,35 +90,6 @@ class LLMEngine:
         connector.register_kv_caches(self.runner.kv_cache)
         self.model.connector = connector
         return connector
-
-    def _choose_attention(self) -> None:
-        """Triton on CUDA, the C++ decode kernel on the CPU; KVTIER_ATTENTION=
-        triton|cpu|torch overrides (triton on the CPU needs TRITON_INTERPRET=1 and
-        is how the wiring is tested without a GPU; torch is the pure-torch path)."""
-        choice = os.environ.get("KVTIER_ATTENTION", "auto")
-        if choice not in ("auto", "torch", "cpu", "triton"):
-            raise ValueError(f"KVTIER_ATTENTION={choice!r}: expected auto, torch, cpu or triton")
-        if choice == "torch":
-            return
-        if choice == "cpu" and self.device.type != "cpu":
-            raise ValueError("KVTIER_ATTENTION=cpu needs --device cpu")
-        if choice == "cpu" or (choice == "auto" and self.device.type == "cpu"):
-            from kvtier.engine.attention import cpu_kernel
-            self.runner.decode_kernel = cpu_kernel.load()
-            if self.runner.decode_kernel is None and choice == "cpu":
-                raise RuntimeError("KVTIER_ATTENTION=cpu but the CPU kernel could not be built (see the log)")
-            return
-        if choice == "auto" and self.device.type != "cuda":
-            return
-        from kvtier.engine.attention import triton_kernel
-        if not triton_kernel.is_available():
-            if choice == "triton":
-                raise RuntimeError("KVTIER_ATTENTION=triton but triton cannot run here "
-                                   "(install triton; on the CPU set TRITON_INTERPRET=1)")
-            logger.warning("triton is not usable: using the torch attention path")
-            return
-        self.model.attention = paged_attention_fused
-        self.runner.fused_attention = True
 
     # -- requests ----------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
