@@ -28,6 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
+from benchmarks.common import return_freed_memory  # noqa: E402
+
 import servers  # noqa: E402
 
 
@@ -127,6 +129,8 @@ def main() -> int:
                     times, total = run(engine, arrivals, args.max_tokens)
                 finally:
                     engine.shutdown()
+                    del engine
+                    return_freed_memory()
                 for key, value in (("p50", pct(times, 0.5)), ("p99", pct(times, 0.99)), ("max", max(times)),
                                    ("total", total)):
                     results[name][key].append(value)

@@ -41,3 +41,16 @@ def percentile(xs: list[float], q: float) -> float:
     lo = int(k)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def return_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc keeps the
+    arenas of dropped KV pools mapped; a run that builds engine after engine
+    would otherwise grow until the machine runs out of memory)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
