@@ -350,6 +350,20 @@ class KvtierServer:
             self._log = None
 
 
+@contextmanager
+def kvtier_serving(*args: str) -> Iterator[KvtierServer]:
+    """A started `kvtier serve`; on exit it is stopped, and its log must hold
+    no traceback (a client's mistake is a 4xx, never a crash in a handler)."""
+    server = KvtierServer(*args).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        output = server.output()
+        server.close()
+    assert "Traceback" not in output, output[-4000:]
+
+
 class StoreDaemon:
     """A live `kvtier store` process (python -m kvtier store). stop() then
     start() keeps the port and the fs directory: a restart, warm from disk."""
