@@ -58,8 +58,10 @@ def main() -> int:
     parser.add_argument("--tiers", nargs="+", default=list(fuzz_reuse.TIERS), choices=fuzz_reuse.TIERS)
     parser.add_argument("--hf-every", type=int, default=10, help="check the reference against HF every N seeds")
     parser.add_argument("--report", default="fuzz_reuse_report.json")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads (1 leaves a core free for other work)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, args.threads))
     import logging
     logging.basicConfig(level=logging.ERROR)
 
