@@ -85,7 +85,8 @@ def main() -> int:
                 clean[(shape, tier)] += 1
                 print(f"seed {seed} {shape} {tier}: clean in {time.monotonic() - t0:.1f} s "
                       f"({summary['requests']} requests, faults {summary['faults']}, "
-                      f"{summary['preemptions']} preemptions, {summary['failed_loads']} failed loads, "
+                      f"{summary['mode']}, {summary['preemptions']} preemptions "
+                      f"({summary['swapped_out_blocks']} blocks swapped), {summary['failed_loads']} failed loads, "
                       f"{summary['cached_tokens']} cached, tier hits {summary['tier_hit_tokens']})", flush=True)
             except Exception as error:  # a failure, or a bug in the harness: both are reported
                 failed[(shape, tier)] += 1

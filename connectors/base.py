@@ -25,6 +25,8 @@ class ConnectorRequest(Protocol):
     block_hashes: list[bytes]  # chained, one per full device block, identical in every group
     cache_salt: str | None
     num_computed_tokens: int
+    priority: int  # lower runs first
+    num_preemptions: int
 
     @property
     def num_prompt_tokens(self) -> int: ...
@@ -122,6 +124,35 @@ class KVConnectorBase(ABC):
         keep its blocks until take_finished reports it sent. A load still in
         flight for it must still be reported by take_finished."""
         return False
+
+    def request_priority(self, request: ConnectorRequest) -> int | None:
+        """The priority the connector's request policy gives a new request (None: keep its own)."""
+        return None
+
+    # -- preemption by swapping (optional) -----------------------------------
+    @property
+    def can_swap(self) -> bool:
+        """Keeps preempted requests' KV (swap_out / swap_in below)."""
+        return False
+
+    def swap_out(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        """The scheduler is taking the request's device blocks from token `start`
+        (a block boundary) on, and wants their KV up to `end` back later. Before
+        this step's forward pass (start_load_kv) whatever of it the connector
+        does not hold already is copied out of those blocks, and all of it is
+        kept until swap_in, drop_swap or request_finished. Returns how many device
+        blocks it keeps; 0 declines (the request recomputes them)."""
+        return 0
+
+    def swap_in(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        """Load the KV swap_out kept for tokens start..end-1 into the request's
+        new blocks, through the load path (take_finished reports it like any
+        load). Returns the device blocks it fills; 0 when the copy is gone or
+        does not cover every block the request holds there (it then recomputes)."""
+        return 0
+
+    def drop_swap(self, request: ConnectorRequest) -> None:
+        """Forget what swap_out kept for the request (it recomputes instead)."""
 
     def enable_kv_events(self) -> None:
         """Start collecting KV cache events (kvtier.connectors.kv_events) for take_events."""

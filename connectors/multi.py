@@ -76,6 +76,28 @@ class MultiConnector(KVConnectorBase):
     def build_connector_meta(self, plan: StepPlan) -> MultiMetadata:
         return MultiMetadata([c.build_connector_meta(plan) for c in self.connectors])
 
+    def request_priority(self, request: ConnectorRequest) -> int | None:
+        return next((p for c in self.connectors if (p := c.request_priority(request)) is not None), None)
+
+    # -- swapping: the first connector that can keeps every victim's KV --------
+    @property
+    def _swapper(self) -> KVConnectorBase | None:
+        return next((c for c in self.connectors if c.can_swap), None)
+
+    @property
+    def can_swap(self) -> bool:
+        return self._swapper is not None
+
+    def swap_out(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        return self._swapper.swap_out(request, block_ids, start, end) if self.can_swap else 0
+
+    def swap_in(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        return self._swapper.swap_in(request, block_ids, start, end) if self.can_swap else 0
+
+    def drop_swap(self, request: ConnectorRequest) -> None:
+        if self.can_swap:
+            self._swapper.drop_swap(request)
+
     def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
         self._chosen.pop(request.request_id, None)
         holding = {i for i, c in enumerate(self.connectors) if c.request_finished(request, block_ids)}

@@ -26,6 +26,9 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_bytes: int = Field(2 << 30, ge=1 << 20)
     enable_prefix_caching: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # None: swap when the KV connector has a CPU tier to keep a victim's KV in, else recompute.
+    preemption_mode: Literal["swap", "recompute"] | None = None
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     kv_transfer_config: Any = None  # connectors.config.KVTransferConfig
     kv_events_config: Any = None  # connectors.kv_events.KVEventsConfig
 

@@ -64,8 +64,10 @@ class LLMEngine:
             self.tokenizer, self.max_model_len, cfg.vocab_size,
             lambda tokens: self.kv_cache_manager.max_blocks_needed(tokens, config.max_num_batched_tokens),
             self.num_blocks - 1)
+        self.preemption_mode = self._preemption_mode()
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, self.connector, policy)
+                                   self.max_model_len, self.connector, policy, self.preemption_mode,
+                                   config.scheduling_policy)
         choose_attention(self.model, self.runner, self.device)
         self.requests: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
@@ -91,10 +93,21 @@ class LLMEngine:
         self.model.connector = connector
         return connector
 
+    def _preemption_mode(self) -> str:
+        """Swap when the connector can keep a victim's KV (a CPU tier), else recompute."""
+        can_swap = self.connector is not None and self.connector.can_swap
+        mode = self.config.preemption_mode or ("swap" if can_swap else "recompute")
+        if mode == "swap" and not can_swap:
+            from kvtier.kvstore.validation import ConfigError
+            raise ConfigError("preemption_mode (--preemption-mode): 'swap' keeps a preempted request's KV in the "
+                              "KV connector's CPU tier, and there is none: give a --kv-transfer-config with the "
+                              "OffloadingConnector, or --preemption-mode recompute", "preemption_mode")
+        return mode
+
     # -- requests ----------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     cache_salt: str | None = None, output_kind: OutputKind = "cumulative",
-                    prompt_text: str | None = None) -> None:
+                    prompt_text: str | None = None, priority: int = 0) -> None:
         """`prompt`: text, or token ids (then `prompt_text` may say what they were tokenized from)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -106,7 +119,8 @@ class LLMEngine:
         for i in range(params.n):
             seed = None if params.seed is None else (params.seed + i) % (1 << 64)  # a generator takes 64 bits
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            children.append(Request(child_id, ids, params, max_tokens, self.block_size, cache_salt, seed, eos))
+            children.append(Request(child_id, ids, params, max_tokens, self.block_size, cache_salt, seed, eos,
+                                    priority))
         group = RequestGroup(request_id, text, ids, params, children,
                              [IncrementalDetokenizer(self.tokenizer, params) for _ in children], output_kind)
         self.requests[request_id] = group
@@ -205,6 +219,11 @@ class LLMEngine:
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
             prefix_cache_queries_total=kv.num_queries, prefix_cache_hits_total=kv.num_hits,
             num_preemptions_total=self.scheduler.num_preemptions_total,
+            preemption_swapped_out_blocks_total=self.scheduler.num_swapped_out_blocks_total,
+            preemption_swapped_in_blocks_total=self.scheduler.num_swapped_in_blocks_total,
+            preemption_swap_fallbacks_total=self.scheduler.num_swap_fallbacks_total,
+            preemption_recomputed_tokens_total=self.scheduler.num_recomputed_tokens_total,
+            restore=self.scheduler.restore_time.copy(),
             kv_cache_usage=kv.usage, kv_cache_usage_per_group=kv.usage_per_group(),
             ttft_buckets=list(self.ttft.buckets), ttft_bucket_counts=list(self.ttft.counts),
             ttft_sum=self.ttft.sum, ttft_count=self.ttft.count,

@@ -56,6 +56,9 @@ class Workload:
     arrivals: list[Arrival]
     faults: list[tuple[int, str]]  # (step, fault)
     fault_kinds: list[str] = field(default_factory=list)
+    preemption_mode: str = "swap"
+    scheduling_policy: str = "fcfs"
+    priorities: dict[str, int] = field(default_factory=dict)  # request -> priority (scheduling_policy=priority)
 
 
 def make_workload(seed: int, tier: str, block_size: int, vocab: int, blocks_needed, scale: float = 1.0) -> Workload:
@@ -86,7 +89,13 @@ def make_workload(seed: int, tier: str, block_size: int, vocab: int, blocks_need
     if tier == "cpu":
         kinds = []  # memory cannot rot; its faults are a tiny tier and a full queue
     faults = sorted((rng.randrange(0, step + 12), kind) for kind in kinds for _ in range(rng.randrange(1, 3)))
-    return Workload(seed, tier, offload, blocks, budget, rng.choice([1, 4, 64]), arrivals, faults, kinds)
+    wl = Workload(seed, tier, offload, blocks, budget, rng.choice([1, 4, 64]), arrivals, faults, kinds)
+    # Drawn apart, so that adding these left every earlier seed's workload as it was.
+    sched = random.Random(seed ^ 0x5CED)
+    wl.preemption_mode = sched.choice(["swap", "swap", "swap", "recompute"])
+    wl.scheduling_policy = sched.choice(["fcfs", "fcfs", "priority"])
+    wl.priorities = {a.request_id: sched.randrange(0, 3) for a in arrivals}
+    return wl
 
 
 class TierFaults:
@@ -270,7 +279,8 @@ def _drive(engine, wl: Workload, on_step=None, max_steps: int = 20000, max_secon
         while arrivals and arrivals[0].at_step <= step:
             a = arrivals.pop(0)
             params = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, n=a.n, ignore_eos=True)
-            engine.add_request(a.request_id, a.prompt, params, cache_salt=a.salt)
+            engine.add_request(a.request_id, a.prompt, params, cache_salt=a.salt,
+                               priority=wl.priorities.get(a.request_id, 0))
             if a.abort_at is not None:
                 aborts[a.request_id] = step + a.abort_at
         for rid, when in list(aborts.items()):
@@ -306,7 +316,8 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
         if tier != "cpu" else None
     expected = reference(model, wl, reference_cache)
     summary = {"seed": seed, "tier": tier, "requests": len(wl.arrivals), "faults": wl.fault_kinds,
-               "preemptions": 0, "failed_loads": 0, "cached_tokens": 0, "tier_hit_tokens": {}}
+               "mode": f"{wl.preemption_mode}/{wl.scheduling_policy}",
+               "preemptions": 0, "swapped_out_blocks": 0, "failed_loads": 0, "cached_tokens": 0, "tier_hit_tokens": {}}
     with ExitStack() as stack:
         if faults is not None:
             stack.callback(faults.close)
@@ -333,7 +344,8 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
     from kvtier.engine.llm_engine import LLMEngine
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, num_gpu_blocks_override=wl.num_blocks,
                                     max_num_batched_tokens=wl.max_num_batched_tokens, block_size=16,
-                                    max_model_len=4096), loaded=model)
+                                    max_model_len=4096, preemption_mode=wl.preemption_mode,
+                                    scheduling_policy=wl.scheduling_policy), loaded=model)
     try:
         witness = PageWitness(engine)
         if faults is not None:
@@ -364,6 +376,7 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
     finally:
         engine.shutdown()
     summary["preemptions"] += engine.scheduler.num_preemptions_total
+    summary["swapped_out_blocks"] += engine.scheduler.num_swapped_out_blocks_total
     summary["failed_loads"] += engine.scheduler.num_failed_loads_total
     summary["cached_tokens"] += sum(out.num_cached_tokens for out in got.values())
     for name, t in tiers.items():

@@ -161,3 +161,36 @@ def test_every_group_takes_its_hit_before_any_group_allocates():
     real = [b for table in tables for b in table if b != 0]
     assert len(real) == len(set(real)), tables
     assert all(b.ref_cnt <= 1 for b in kv.pool.blocks[1:] if b.block_id in real)
+
+
+def test_truncating_from_the_tail_frees_only_what_the_step_needs_and_resumes_past_the_window():
+    groups = build_kv_cache_groups(["full_attention", "sliding_attention"], 8)
+    m = KVCacheManager(groups, 40, BS)
+    assert m.allocate_slots("a", 0, 24)
+    m.allocate_slots("a", 24, 0)  # computed 24: the sliding group lets the blocks before its window (17..) go
+    full, sliding = m.block_ids("a")
+    assert len(full) == 6 and sliding[:4] == [0] * 4 and 0 not in sliding[4:]
+    free = m.pool.num_free_blocks
+    # Two blocks wanted: the tail position (one real block in each group) is enough.
+    assert m.truncation_point("a", 2) == 20
+    m.truncate("a", 20)
+    assert m.pool.num_free_blocks == free + 2
+    assert [len(t) for t in m.block_ids("a")] == [5, 5]
+    # Resuming far past its window (a swapped victim loading back up to 60):
+    # the sliding group holds the null block between its kept prefix and the window.
+    m.truncate("a", 8)
+    assert m.allocate_slots("a", 8, 0, None, 52)
+    full, sliding = m.block_ids("a")
+    assert len(full) == 15 and len(sliding) == 15
+    assert sliding[:13] == [0] * 13 and 0 not in sliding[13:]  # window at 60: tokens 53.., blocks 13-14
+
+
+def test_a_block_shared_with_another_request_frees_nothing_when_truncated():
+    m = KVCacheManager(build_kv_cache_groups(["full_attention"], None), 10, BS)
+    hashes = hashes_for(list(range(8)))
+    assert m.allocate_slots("a", 0, 8)
+    m.cache_blocks("a", hashes, 8)
+    hit = m.find_prefix_hit(hashes, 8)  # one block: the last prompt token is always computed
+    assert hit.num_tokens == 4 and m.allocate_slots("b", 4, 4, hit)
+    assert m.truncation_point("a", 1) == 4  # its own tail block
+    assert m.truncation_point("a", 2) == 0  # block 0 is b's too: still one short

@@ -9,6 +9,7 @@ a sliding-window group only those its window reaches at the hit boundary.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +51,12 @@ class OffloadBlocks:
     def key(self, group: int, block_hashes: Sequence[bytes], j: int) -> str:
         return make_key(self.namespace, self.layout.model_fingerprint, self._layout_ids[group],
                         self.last_hash(block_hashes, j))
+
+    def private_key(self, group: int, tag: str) -> str:
+        """A name for an object only its writer asks for (a preempted request's
+        partial blocks): under a layout no lookup or KV event knows."""
+        digest = hashlib.blake2b(tag.encode(), digest_size=16).hexdigest()
+        return make_key(self.namespace, self.layout.model_fingerprint, f"{self._layout_ids[group]}.private", digest)
 
     def group_of(self, key: str) -> int | None:
         """The KV cache group a key of this layout names (None: not ours)."""

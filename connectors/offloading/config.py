@@ -49,6 +49,9 @@ class OffloadingConfig(BaseModel):
     # A tier load (or lookup) not done by then is given up: the request
     # recomputes those tokens, or fails under kv_load_failure_policy=fail.
     load_timeout_s: PositiveFloat = 10.0
+    # Share of the CPU tier that preempted requests' swapped KV may pin (past
+    # it the oldest victims give theirs up and recompute).
+    swap_space_fraction: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -33,6 +33,7 @@ from .config import OffloadingConfig, parse_offloading_config
 from .loads import Loads
 from .lookups import Lookups
 from .specs import make_spec
+from .swap import SwapSpace
 from .transfer import DeviceCopier
 
 logger = logging.getLogger("kvtier.connectors")
@@ -87,6 +88,7 @@ class OffloadingConnector(KVConnectorBase):
         self.request_policy = make_request_policy(self.cfg.request_policy, self.cfg.request_policy_module_path,
                                                   **self.cfg.request_policy_config)
         self.lookups = Lookups(self.store, self.cfg.load_timeout_s)
+        self.swap = SwapSpace(self.store, self.blocks, int(self.store.cpu.num_slots * self.cfg.swap_space_fraction))
         self.seen = BoundedCounter(self.cfg.max_tracker_size)
         # Per request, dropped in request_finished however the request ends.
         self.decisions: dict[str, RequestDecision] = {}
@@ -113,7 +115,8 @@ class OffloadingConnector(KVConnectorBase):
     def _decision(self, request: ConnectorRequest) -> RequestDecision:
         d = self.decisions.get(request.request_id)
         if d is None:
-            info = RequestInfo(request.request_id, request.num_prompt_tokens, request.cache_salt)
+            info = RequestInfo(request.request_id, request.num_prompt_tokens, request.cache_salt,
+                               getattr(request, "priority", 0))
             d = self.decisions[request.request_id] = self.request_policy.on_new_request(info)
             # First sight of the request: count its prompt's offload blocks for store_threshold.
             for j in range(request.num_prompt_tokens // self.offload_tokens):
@@ -192,8 +195,32 @@ class OffloadingConnector(KVConnectorBase):
                 saves.append(save)
         return saves
 
+    def request_priority(self, request: ConnectorRequest) -> int | None:
+        return self._decision(request).priority
+
+    # -- preemption by swapping ----------------------------------------------
+    @property
+    def can_swap(self) -> bool:
+        return True  # the CPU tier is always there
+
+    def swap_out(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        return self.swap.swap_out(request.request_id, request.block_hashes, block_ids, start, end)
+
+    def swap_in(self, request: ConnectorRequest, block_ids: list[list[int]], start: int, end: int) -> int:
+        plan = self.swap.swap_in(request.request_id, block_ids, start, end)
+        if plan is None:
+            return 0
+        read = self._decision(request).read_tiers
+        # Content-keyed blocks may be read from lower tiers too if the CPU tier lost them.
+        self._pending_loads.append((plan, None if read is None else read | {"cpu"}))
+        return sum(len(blocks) for blocks in plan.dst_blocks)
+
+    def drop_swap(self, request: ConnectorRequest) -> None:
+        self.swap.drop(request.request_id)
+
     def request_finished(self, request: ConnectorRequest, block_ids: list[list[int]]) -> bool:
         rid = request.request_id
+        self.swap.drop(rid)
         self.decisions.pop(rid, None)
         self.saved_upto.pop(rid, None)
         self.lookups.forget(rid)
@@ -204,8 +231,11 @@ class OffloadingConnector(KVConnectorBase):
 
     # -- worker side -------------------------------------------------------
     def start_load_kv(self, metadata: OffloadingMetadata) -> None:
+        # Victims' blocks first: this step's loads and forward pass may reuse them.
+        self.swap.flush(self._copier, self._staging, self.layout.page_shape)
         for plan, tiers in metadata.loads:
             self._loads.start(plan, tiers)
+            self.swap.started(plan.request_id)  # a swap-in's load holds its own pins now
 
     def wait_for_save(self, metadata: OffloadingMetadata) -> None:
         for save in metadata.saves:

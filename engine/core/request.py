@@ -28,7 +28,7 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, block_size: int, cache_salt: str | None = None,
-                 seed: int | None = None, eos_token_ids: tuple[int, ...] = ()):
+                 seed: int | None = None, eos_token_ids: tuple[int, ...] = (), priority: int = 0):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -45,6 +45,11 @@ class Request:
         self.skip_connector = False  # a load of it failed: it computes what is missing instead
         self.num_cached_tokens = -1  # set when first scheduled
         self.num_preemptions = 0
+        self.priority = priority  # lower runs first (scheduling_policy=priority)
+        self.arrival_seq = 0  # set by the scheduler: ties between equal priorities go by arrival
+        self.swapped_upto = 0  # preempted with its KV from num_computed_tokens to here kept by the connector
+        self.restore_started: float | None = None
+        self.num_computed_peak = 0  # most tokens ever computed: what is computed again below it is recomputed
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.arrival_time = time.monotonic()

@@ -8,19 +8,39 @@ for this step; a tier hit loads in the background while the request waits
 (WAITING_FOR_REMOTE_KVS) and other requests keep stepping. No step waits on
 a tier.
 
-When the pool runs short the newest running request is preempted: its blocks
-are freed (they stay in the prefix cache, and in the connector's tiers) and
-it resumes later from whatever of its prefix is still cached, recomputing
-the rest.
+Order: under `fcfs` by arrival; under `priority` by (priority, arrival), lower
+first, and a waiting request may preempt a running one of lower priority.
+
+Preemption when the pool runs short takes the lowest running request (the
+latest among equals). In `swap` mode it gives up only as many blocks as the
+step lacks, from the tail of its table: the connector keeps their KV (the
+partial last block included) in its CPU tier, the victim keeps its prefix on
+device, and when it is admitted again the rest loads back through the async
+load path. If the connector declines or has lost the copy, or the load
+fails, the victim recomputes. In `recompute` mode it gives every block back
+(full ones stay in the prefix cache and the tiers) and recomputes the rest.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
 from kvtier.engine.core.kv_cache import KVCacheManager
 from kvtier.engine.core.request import Request, RequestStatus
+from kvtier.engine.core.stats import RESTORE_BUCKETS, Histogram
+
+
+class Admission(Enum):
+    """What trying the head of the queue came to."""
+    ADMITTED = "admitted"   # in the running batch with a chunk this step
+    STARTED = "started"     # a tier load or a swap-in is under way
+    ASKING = "asking"       # its tier lookup is in flight: ask again next step
+    AGAIN = "again"         # its swapped KV is gone: try it again as a recompute
+    SHORT = "short"         # the pool lacks blocks for it
 
 
 @dataclass
@@ -51,8 +71,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, connector=None, load_failure_policy: str = "recompute"):
+                 max_model_len: int, connector=None, load_failure_policy: str = "recompute",
+                 preemption_mode: str = "recompute", scheduling_policy: str = "fcfs"):
         self.kv_cache = kv_cache
+        self.swap = preemption_mode == "swap"
+        self.by_priority = scheduling_policy == "priority"
+        self._arrivals = itertools.count()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -65,11 +89,45 @@ class Scheduler:
         self.num_asking: int = 0               # waiting on a tier lookup after the last schedule()
         self.num_preemptions_total = 0
         self.num_failed_loads_total = 0  # tier loads that did not land whole (failed or past their deadline)
+        self.num_swapped_out_blocks_total = 0
+        self.num_swapped_in_blocks_total = 0
+        self.num_swap_fallbacks_total = 0  # swapped victims that recomputed after all
+        self.num_recomputed_tokens_total = 0  # computed again after a preemption, in either mode
+        self.restore_time = Histogram(RESTORE_BUCKETS)
+        self._admitted_now: set[str] = set()
+        self._preempted_now: set[str] = set()
         self._finished_ids: set[str] = set()
         self._unattributed_failures: set[int] = set()
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        request.arrival_seq = next(self._arrivals)
+        if self.connector is not None:  # the request policy's on_new_request may set it
+            priority = self.connector.request_priority(request)
+            if priority is not None:
+                request.priority = priority
+        self._enqueue(request)
+
+    # -- order -------------------------------------------------------------
+    @staticmethod
+    def _rank(req: Request) -> tuple[int, int]:
+        return req.priority, req.arrival_seq
+
+    def _enqueue(self, req: Request, front: bool = False) -> None:
+        """Into the waiting queue: by rank under `priority`; under `fcfs` at the
+        back when new, at the front when it had been scheduled already."""
+        if self.by_priority:
+            bisect.insort(self.waiting, req, key=self._rank)
+        elif front:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
+
+    def _run(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        if self.by_priority:
+            bisect.insort(self.running, req, key=self._rank)
+        else:
+            self.running.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading)
@@ -83,6 +141,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
+        self._admitted_now = set()
+        self._preempted_now = set()
         if self.connector is not None:
             self._collect_transfers(out)
         budget = self._schedule_running(out, self.max_num_batched_tokens)
@@ -99,8 +159,8 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens, num_new):
-                victim = self.running.pop()
-                self._preempt(victim)
+                victim = self.running[-1]  # the lowest, never one scheduled already this step
+                self._preempt(victim, None if victim is req else self.kv_cache.last_shortfall)
                 out.num_preempted += 1
                 if victim is req:
                     num_new = 0
@@ -116,37 +176,42 @@ class Scheduler:
         asking: list[Request] = []  # their tier lookups are still in flight: ask again next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.num_computed_tokens:  # its tier load landed: it holds its blocks already
-                admitted = self._admit(req, req.num_computed_tokens, budget, out)
-            else:
-                hit = self.kv_cache.find_prefix_hit(req.block_hashes, req.num_tokens)
-                external, is_async = self._external_hit(req, hit.num_tokens)
-                if external is None:
-                    asking.append(self.waiting.popleft())
-                    continue
-                if external and is_async:
-                    if not self._start_load(req, hit, external):
-                        if self._never_fits(req, out):
-                            continue
-                        break
-                    continue
-                admitted = self._admit(req, hit.num_tokens, budget, out, hit, external)
-            if admitted is None:
-                continue  # ended: it can never fit
-            if not admitted:
-                break
-            budget -= out.scheduled[-1].num_new_tokens
+            if req.request_id in self._preempted_now:
+                break  # its swapped KV is copied out only as this step starts: back next step
+            result = self._try_admit(req, budget, out)
+            if result is Admission.ASKING:
+                asking.append(self.waiting.popleft())
+            elif result is Admission.ADMITTED:
+                budget -= out.scheduled[-1].num_new_tokens
+            elif result is Admission.SHORT:
+                freed = self._preempt_for(req, out)
+                if freed is not None:
+                    budget += freed
+                elif not self._never_fits(req, out):
+                    break
         self.waiting.extendleft(reversed(asking))
         self.num_asking = len(asking)
 
+    def _try_admit(self, req: Request, budget: int, out: SchedulerOutput) -> Admission:
+        if req.swapped_upto:  # preempted with its KV kept: load it back
+            return self._start_restore(req)
+        if req.num_computed_tokens:  # its tier load landed, or it kept its blocks: it holds them already
+            return self._admit(req, req.num_computed_tokens, budget, out)
+        hit = self.kv_cache.find_prefix_hit(req.block_hashes, req.num_tokens)
+        external, is_async = self._external_hit(req, hit.num_tokens)
+        if external is None:
+            return Admission.ASKING
+        if external and is_async:
+            return self._start_load(req, hit, external)
+        return self._admit(req, hit.num_tokens, budget, out, hit, external)
+
     def _admit(self, req: Request, num_computed: int, budget: int, out: SchedulerOutput, hit=None,
-               external: int = 0) -> bool | None:
-        """Into the running batch with a chunk of at most `budget`; False when
-        the pool is short, None when the request ended because it never fits."""
+               external: int = 0) -> Admission:
+        """Into the running batch with a chunk of at most `budget`."""
         computed = num_computed + external
         num_new = min(req.num_tokens - computed, budget)
         if not self.kv_cache.allocate_slots(req.request_id, num_computed, num_new, hit, external):
-            return None if self._never_fits(req, out) else False
+            return Admission.SHORT
         self.waiting.popleft()
         self._mark_scheduled(req)
         req.num_computed_tokens = num_computed
@@ -154,37 +219,90 @@ class Scheduler:
             self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
             req.num_computed_tokens = computed
         self._record_hit(req, computed)
-        req.status = RequestStatus.RUNNING
-        self.running.append(req)
+        self._run(req)
+        self._admitted_now.add(req.request_id)
         out.scheduled.append(ScheduledChunk(req, num_new))
-        return True
+        return Admission.ADMITTED
 
-    def _start_load(self, req: Request, hit, external: int) -> bool:
+    def _start_load(self, req: Request, hit, external: int) -> Admission:
         """Blocks for the device hit and the tier hit; the connector loads the
-        latter in the background. False when the pool is short."""
+        latter in the background."""
         if not self.kv_cache.allocate_slots(req.request_id, hit.num_tokens, 0, hit, external):
-            return False
+            return Admission.SHORT
         self.waiting.popleft()
         self._mark_scheduled(req)
         req.num_computed_tokens = hit.num_tokens  # the connector loads from here on
         req.num_external_tokens = external
         self.connector.update_state_after_alloc(req, self.kv_cache.block_ids(req.request_id), external)
+        self._wait_for_load(req)
+        return Admission.STARTED
+
+    def _start_restore(self, req: Request) -> Admission:
+        """A swapped-out victim: blocks for what it gave up, loaded back by the
+        connector from where it kept them; a recompute if it no longer can."""
+        rid, start, end = req.request_id, req.num_computed_tokens, req.swapped_upto
+        if not self.kv_cache.allocate_slots(rid, start, 0, None, end - start):
+            return Admission.SHORT
+        blocks = self.connector.swap_in(req, self.kv_cache.block_ids(rid), start, end)
+        if not blocks:
+            self._fall_back_to_recompute(req)
+            return Admission.AGAIN
+        self.waiting.popleft()
+        self.num_swapped_in_blocks_total += blocks
+        req.num_external_tokens = end - start
+        req.restore_started = time.monotonic()
+        self._wait_for_load(req)
+        return Admission.STARTED
+
+    def _wait_for_load(self, req: Request) -> None:
         req.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.loading[req.request_id] = req
-        return True
+
+    def _fall_back_to_recompute(self, req: Request) -> None:
+        """A swapped victim whose KV cannot come back: every block goes (full
+        ones stay in the prefix cache) and it starts again as a new request."""
+        self.connector.drop_swap(req)
+        self.kv_cache.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens, req.all_token_ids)
+        self.kv_cache.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.swapped_upto = 0
+        self.num_swap_fallbacks_total += 1
+
+    def _preempt_for(self, req: Request, out: SchedulerOutput) -> int | None:
+        """Under `priority`: the pool is short for waiting `req`; preempt the
+        lowest running request if it ranks below `req`. Returns the budget its
+        unscheduled chunk gives back (None: nothing preempted)."""
+        if not self.by_priority or not self.running:
+            return None
+        victim = self.running[-1]
+        if self._rank(victim) <= self._rank(req) or victim.request_id in self._admitted_now:
+            return None  # (one admitted this step may have a load into its blocks still to come)
+        chunk = next((c for c in out.scheduled if c.request is victim), None)
+        if chunk is not None:
+            out.scheduled.remove(chunk)
+        self._preempt(victim, self.kv_cache.last_shortfall)
+        out.num_preempted += 1
+        return chunk.num_new_tokens if chunk is not None else 0
 
     def _never_fits(self, req: Request, out: SchedulerOutput) -> bool:
         """The head of the queue found the pool short. If no other request holds
         a block, waiting cannot help: it ends with an error (True). Waiting
-        requests that hold blocks from a landed load give them back first."""
+        requests that hold blocks (a landed load, a victim's kept prefix) give
+        them back first, from the back of the queue, until the head's shortfall
+        is covered."""
         if self.running or self.loading or self.held:
             return False
         holders = [r for r in self.waiting if r is not req and r.num_computed_tokens]
         if holders:
-            for r in holders:  # their loaded blocks stay in the prefix cache
-                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
-                self.kv_cache.free(r.request_id)
-                r.num_computed_tokens = 0
+            wanted = self.kv_cache.pool.num_free_blocks + self.kv_cache.last_shortfall
+            for r in reversed(holders):  # full blocks stay in the prefix cache
+                if r.swapped_upto:  # (its kept prefix and its swapped tail are not one copy: it recomputes)
+                    self._fall_back_to_recompute(r)
+                else:  # swapped out whole, or given back
+                    self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
+                    self._give_up_blocks(r, None)
+                if self.kv_cache.pool.num_free_blocks >= wanted:
+                    break
             return False
         self.waiting.remove(req)
         req.stop_reason = (f"the request needs more KV cache blocks than the pool's {self.kv_cache.pool.num_blocks - 1}"
@@ -243,13 +361,17 @@ class Scheduler:
         loaded = req.num_computed_tokens + req.num_external_tokens
         good = self._tokens_before_first_failed_block(rid, req.num_computed_tokens, loaded, failed)
         req.num_external_tokens = 0
+        restored, req.swapped_upto = bool(req.swapped_upto), 0
         if good == loaded:
             req.num_computed_tokens = loaded
             self.kv_cache.cache_blocks(rid, req.block_hashes, loaded, req.all_token_ids)
             req.status = RequestStatus.WAITING
-            self.waiting.appendleft(req)
+            if restored:
+                self.restore_time.observe(time.monotonic() - req.restore_started)
+            self._enqueue(req, front=True)
             return
         self.num_failed_loads_total += 1
+        self.num_swap_fallbacks_total += restored
         if self.load_failure_policy == "fail":
             self.kv_cache.free(rid)
             req.stop_reason = f"KV load failed for {loaded - good} of {loaded} cached tokens"
@@ -265,7 +387,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.skip_connector = True
         req.status = RequestStatus.WAITING
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
 
     def _tokens_before_first_failed_block(self, rid: str, start: int, loaded: int, failed: set[int]) -> int:
         if not failed:
@@ -279,20 +401,45 @@ class Scheduler:
                     break
         return good
 
-    def _preempt(self, req: Request) -> None:
-        self.kv_cache.free(req.request_id)
+    def _preempt(self, req: Request, blocks_wanted: int | None) -> None:
+        """Out of the running batch, its blocks given up (_give_up_blocks)."""
+        self.running.remove(req)
+        self._preempted_now.add(req.request_id)
+        self._give_up_blocks(req, blocks_wanted)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions_total += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
+
+    def _give_up_blocks(self, req: Request, blocks_wanted: int | None) -> None:
+        """Swap mode gives up `blocks_wanted` blocks from the tail (None: all)
+        and has the connector keep the KV they held; recompute mode (or a
+        declined swap) gives up every block."""
+        rid, end = req.request_id, req.num_computed_tokens
+        if self.swap and end:
+            start = self.kv_cache.truncation_point(rid, blocks_wanted) if blocks_wanted else 0
+            if start >= end:  # only blocks past its computed tokens go: nothing to keep elsewhere
+                self.kv_cache.truncate(rid, start)
+                return
+            blocks = self.connector.swap_out(req, self.kv_cache.block_ids(rid), start, end)
+            if blocks:
+                self.kv_cache.truncate(rid, start)
+                req.num_computed_tokens, req.swapped_upto = start, end
+                self.num_swapped_out_blocks_total += blocks
+                self._preempted_now.add(rid)  # its copy is made as this step starts: no swap-in before
+                return
+        self.kv_cache.free(rid)
+        req.num_computed_tokens = 0
 
     # -- after the step ----------------------------------------------------
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress and publish newly full blocks to the prefix cache."""
         for s in out.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
+            done = req.num_computed_tokens + s.num_new_tokens
+            self.num_recomputed_tokens_total += max(0, min(done, req.num_computed_peak) - req.num_computed_tokens)
+            req.num_computed_tokens = done
+            req.num_computed_peak = max(req.num_computed_peak, done)
             self.kv_cache.cache_blocks(req.request_id, req.block_hashes, req.num_computed_tokens,
                                        req.all_token_ids)
 

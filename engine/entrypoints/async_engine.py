@@ -100,7 +100,7 @@ class AsyncLLMEngine:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizers, self.engine.input.chat, messages)
 
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams, request_id: str,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Deltas: each output carries what is new since the previous one. A text
         prompt is tokenized here, not on the engine thread: a long one must not
         hold the other requests' steps."""
@@ -112,7 +112,7 @@ class AsyncLLMEngine:
             if self._closed:
                 raise EngineDeadError("the engine has stopped")
             self._streams[request_id] = stream
-            self._commands.put(("add", (request_id, ids, sampling_params, cache_salt, "delta", text), added, loop))
+            self._commands.put(("add", (request_id, ids, sampling_params, cache_salt, "delta", text, priority), added, loop))
         try:
             await added  # raises the engine's RequestError before anything is yielded
             while True:

@@ -43,6 +43,11 @@ def _add_engine_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--gpu-memory-utilization", type=float,
                        help="fraction of device memory (on the CPU: of the KV cache budget) to use")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    serve.add_argument("--preemption-mode", choices=["swap", "recompute"],
+                       help="what a preempted request does with its KV: keep it in the KV connector's CPU "
+                            "tier (swap, the default when there is one) or recompute it")
+    serve.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                       help="fcfs (default), or priority: the request body's 'priority', lower first")
     serve.add_argument("--kv-transfer-config", metavar="JSON|@FILE",
                        help="vLLM-style KV connector config, inline JSON or @path/to/file.json")
     serve.add_argument("--kv-events-config", metavar="JSON",

@@ -30,17 +30,22 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True, cache_salt: str | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, cache_salt: str | None = None,
+                 priority: list[int] | None = None) -> list[RequestOutput]:
+        """`priority`: one per prompt, lower first (under scheduling_policy="priority")."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        priorities = priority if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError("priority must give one value per prompt")
         ids = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p, prio in zip(prompts, params_list, priorities):
             rid = str(next(self._ids))
-            self.engine.add_request(rid, prompt, p, cache_salt=cache_salt)
+            self.engine.add_request(rid, prompt, p, cache_salt=cache_salt, priority=prio)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

@@ -27,6 +27,14 @@ _COUNTERS = [
     ("kvtier_prefix_cache_queries", "prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache."),
     ("kvtier_prefix_cache_hits", "prefix_cache_hits_total", "Prompt tokens found in the prefix cache."),
     ("kvtier_num_preemptions", "num_preemptions_total", "Requests preempted for lack of KV cache blocks."),
+    ("kvtier_preemption_swapped_out_blocks", "preemption_swapped_out_blocks_total",
+     "Device blocks preempted requests gave up with their KV kept in the CPU tier."),
+    ("kvtier_preemption_swapped_in_blocks", "preemption_swapped_in_blocks_total",
+     "Device blocks loaded back into resumed requests."),
+    ("kvtier_preemption_swap_fallbacks", "preemption_swap_fallbacks_total",
+     "Swapped-out requests that recomputed after all (copy declined, lost or failed to load)."),
+    ("kvtier_preemption_recomputed_tokens", "preemption_recomputed_tokens_total",
+     "Tokens computed again because their request was preempted."),
 ]
 # Per KV tier: (metric name, key in EngineStats.tiers[tier], help)
 _TIER_COUNTERS = [
@@ -53,18 +61,21 @@ class EngineStatsCollector(Collector):
         for group, usage in stats.kv_cache_usage_per_group.items():
             group_usage.add_metric([group], usage)
         yield group_usage
-        yield _ttft_histogram(stats)
+        yield _histogram("kvtier_time_to_first_token_seconds", "Time from arrival to first token.",
+                         stats.ttft_buckets, stats.ttft_bucket_counts, stats.ttft_sum)
+        yield _histogram("kvtier_preemption_restore_seconds",
+                         "Time to load a preempted request's swapped KV back.",
+                         stats.restore.buckets, stats.restore.counts, stats.restore.sum)
         yield from _tier_metrics(stats.tiers)
 
 
-def _ttft_histogram(stats: EngineStats) -> HistogramMetricFamily:
-    # EngineStats holds per-bucket counts; Prometheus buckets are cumulative.
+def _histogram(name: str, doc: str, bounds: list[float], counts: list[int], total: float) -> HistogramMetricFamily:
+    # The engine keeps per-bucket counts; Prometheus buckets are cumulative.
     buckets, running = [], 0
-    for le, count in zip([*stats.ttft_buckets, float("inf")], stats.ttft_bucket_counts):
+    for le, count in zip([*bounds, float("inf")], counts):
         running += count
         buckets.append((floatToGoString(le), running))
-    return HistogramMetricFamily("kvtier_time_to_first_token_seconds", "Time from arrival to first token.",
-                                 buckets=buckets, sum_value=stats.ttft_sum)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
 def _tier_metrics(tiers: dict[str, dict[str, float]]) -> Iterator[Metric]:

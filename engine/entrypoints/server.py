@@ -371,7 +371,7 @@ class OpenAIServing:
                    raw: Request) -> Response:
         params: SamplingParams = body.sampling_params()
         tracker = ChoiceTracker()
-        results = self.engine.generate(prompt, params, fmt.id, cache_salt=body.cache_salt)
+        results = self.engine.generate(prompt, params, fmt.id, cache_salt=body.cache_salt, priority=body.priority)
         if body.stream:
             # The first output is awaited here, not in the stream, so that the
             # engine's rejection of the request is still a proper 4xx.

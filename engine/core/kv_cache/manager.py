@@ -26,6 +26,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.managers: list[SingleTypeManager] = [make_manager(g, self.pool, block_size) for g in groups]
         self.num_queries = 0  # prefix-cache lookups, in tokens
+        self.last_shortfall = 0  # free blocks the last allocate_slots that failed lacked
         self.num_hits = 0
 
     # -- lookups -----------------------------------------------------------
@@ -67,12 +68,34 @@ class KVCacheManager:
         need = sum(mgr.num_blocks_to_allocate(req_id, computed, total, blocks)
                    for mgr, blocks in zip(self.managers, hit_blocks))
         if need > self.pool.num_free_blocks:
+            self.last_shortfall = need - self.pool.num_free_blocks
             return False
         for mgr, blocks in zip(self.managers, hit_blocks):
             mgr.take_hit(req_id, computed, blocks)
         for mgr in self.managers:
             mgr.allocate(req_id, total)
         return True
+
+    # -- giving blocks back from the tail (preemption) ------------------------
+    def truncation_point(self, req_id: str, num_blocks: int) -> int:
+        """The largest block boundary (in tokens) such that giving up every block
+        of the request from there on returns at least `num_blocks` blocks to the
+        free pool (0: all of them, and maybe still short). Blocks shared with
+        other requests return nothing and do not count."""
+        tables = [mgr.req_blocks.get(req_id, []) for mgr in self.managers]
+        freed = 0
+        for i in range(max(map(len, tables), default=0) - 1, -1, -1):
+            freed += sum(1 for t in tables if i < len(t) and not t[i].is_null and t[i].ref_cnt == 1)
+            if freed >= num_blocks:
+                return i * self.block_size
+        return 0
+
+    def truncate(self, req_id: str, num_tokens: int) -> None:
+        """Give up the request's blocks from token `num_tokens` (a block boundary)
+        on, in every group; those holding full blocks stay in the prefix cache."""
+        assert num_tokens % self.block_size == 0, num_tokens
+        for mgr in self.managers:
+            mgr.truncate(req_id, num_tokens // self.block_size)
 
     def holds_blocks(self, req_id: str) -> bool:
         return any(mgr.req_blocks.get(req_id) for mgr in self.managers)

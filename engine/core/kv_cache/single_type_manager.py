@@ -69,8 +69,8 @@ class SingleTypeManager:
         """Free blocks that allocate() would take: new blocks, plus hit blocks that
         sit in the free queue (taking one of those costs a free block too)."""
         held = self.req_blocks.get(req_id)
-        if held:
-            return max(0, cdiv(num_tokens, self.block_size) - len(held))
+        if held:  # (positions before the window that a short table lacks take the null block)
+            return max(0, cdiv(num_tokens, self.block_size) - max(len(held), self.skipped_blocks(num_computed_tokens)))
         skipped = self.skipped_blocks(num_computed_tokens)
         kept_hit = hit[skipped:]
         reused = sum(1 for b in kept_hit if b.ref_cnt == 0 and not b.is_null)
@@ -82,9 +82,12 @@ class SingleTypeManager:
         allocates: a hit block waiting in the free queue must not be handed out
         as another group's new block first."""
         blocks = self.blocks(req_id)
-        if blocks:
-            return
         skipped = self.skipped_blocks(num_computed_tokens)
+        if blocks:
+            # A request holding a prefix (a swapped victim keeps one) that resumes
+            # past its window: the positions between take the null block.
+            blocks.extend([self.pool.null_block] * max(0, skipped - len(blocks)))
+            return
         kept_hit = hit[skipped:]
         self.pool.touch(kept_hit)
         blocks.extend([self.pool.null_block] * skipped)
@@ -128,6 +131,16 @@ class SingleTypeManager:
             [block_hashes[i] for i in run], block_hashes[run[0] - 1] if run[0] else None,
             token_ids[run[0] * bs:(run[-1] + 1) * bs], bs, kv_events.DEVICE, self.group.index,
             getattr(self.group.spec, "window", None)))
+
+    def truncate(self, req_id: str, num_blocks: int) -> None:
+        """Keep the first `num_blocks` of the request's table, free the rest (tail first)."""
+        blocks = self.req_blocks.get(req_id)
+        if not blocks or len(blocks) <= num_blocks:
+            return
+        tail = blocks[num_blocks:]
+        del blocks[num_blocks:]
+        self.num_cached_blocks[req_id] = min(self.num_cached_blocks.get(req_id, 0), num_blocks)
+        self.pool.free(list(reversed(tail)))
 
     def free(self, req_id: str) -> None:
         blocks = self.req_blocks.pop(req_id, [])
