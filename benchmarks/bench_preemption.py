@@ -6,11 +6,13 @@
 Every request arrives at once: `--requests` distinct prompts of about
 `--prompt-tokens` tokens, each generating `--output-tokens` (EOS ignored),
 through a device pool that holds `--pool-fraction` of what they need at the
-end. Both runs use the OffloadingConnector with the same CPU tier; only
-`preemption_mode` differs. Shown: total time, mean and p90 end-to-end latency,
+end. Runs: swap and recompute with the OffloadingConnector and the same CPU
+tier (only `preemption_mode` differs; recompute still finds the victims'
+prompt blocks in the CPU tier), recompute with no connector (vLLM's default),
+and an unconstrained pool (no preemption: the floor). Shown: total time, mean and p90 end-to-end latency,
 preemptions, tokens recomputed because of preemption, device blocks and bytes
-swapped out and in, and swap's ratios to recompute. The outputs of the two
-runs are compared (they must be equal).
+swapped out and in, and swap's total time over each other run's. The outputs
+of all runs are compared (they must be equal).
 """
 from __future__ import annotations
 
@@ -38,13 +40,24 @@ def prompts(tokenizer, n: int, tokens: int) -> list[list[int]]:
     return out
 
 
-def run(loaded, mode: str, ids: list[list[int]], output_tokens: int, pool_blocks: int, chunk: int) -> dict:
+# name -> (preemption_mode, with the OffloadingConnector, pool sized by --pool-fraction)
+RUNS = {
+    "recompute": ("recompute", True, True),
+    "swap": ("swap", True, True),
+    "recompute, no connector": ("recompute", False, True),  # vLLM's default: prefix caching on device only
+    "unconstrained pool": ("recompute", False, False),      # no preemption at all: the floor
+}
+
+
+def run(loaded, name: str, ids: list[list[int]], output_tokens: int, pool_blocks: int, chunk: int) -> dict:
     from kvtier.engine.config import EngineConfig
     from kvtier.engine.core.sampling_params import SamplingParams
     from kvtier.engine.llm_engine import LLMEngine
+    mode, connector, constrained = RUNS[name]
     ktc = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-           "kv_connector_extra_config": {"cpu_bytes_to_use": 4 << 30, "block_size": 64}}
-    engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, preemption_mode=mode, num_gpu_blocks_override=pool_blocks,
+           "kv_connector_extra_config": {"cpu_bytes_to_use": 4 << 30, "block_size": 64}} if connector else None
+    engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, preemption_mode=mode,
+                                    num_gpu_blocks_override=pool_blocks if constrained else None,
                                     max_num_batched_tokens=chunk), loaded=loaded)
     sp = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -62,7 +75,7 @@ def run(loaded, mode: str, ids: list[list[int]], output_tokens: int, pool_blocks
     engine.shutdown()
     latencies = list(done.values())
     return {
-        "mode": mode, "total_s": total, "mean_e2e_s": sum(latencies) / len(latencies),
+        "run": name, "total_s": total, "mean_e2e_s": sum(latencies) / len(latencies),
         "p90_e2e_s": percentile(latencies, 90), "preemptions": s.num_preemptions_total,
         "recomputed_tokens": s.preemption_recomputed_tokens_total,
         "swapped_out_blocks": s.preemption_swapped_out_blocks_total,
@@ -82,6 +95,7 @@ def main() -> int:
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--pool-fraction", type=float, default=0.33)
     parser.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     torch.set_num_threads(2)
     from kvtier.engine.model.loader import load_model
@@ -92,17 +106,22 @@ def main() -> int:
     print(f"{args.requests} requests x ({args.prompt_tokens} prompt + {args.output_tokens} output) tokens "
           f"= {need} blocks of 16; pool {pool} blocks ({args.pool_fraction:.0%})")
     results = {}
-    for mode in ("recompute", "swap"):
-        results[mode] = run(loaded, mode, ids, args.output_tokens, pool, args.chunk)
+    for name in args.runs:
+        results[name] = run(loaded, name, ids, args.output_tokens, pool, args.chunk)
         return_freed_memory()
-    rec, swp = results["recompute"], results["swap"]
     keys = ["total_s", "mean_e2e_s", "p90_e2e_s", "preemptions", "recomputed_tokens", "swapped_out_blocks",
             "swapped_out_mb", "swapped_in_blocks", "swapped_in_mb", "fallbacks", "restore_mean_ms"]
-    rows = [[k, rec[k], swp[k], swp[k] / rec[k] if rec[k] else "-"] for k in keys]
-    print_table("swap vs recompute preemption", ["", "recompute", "swap", "swap / recompute"], rows)
-    same = rec["outputs"] == swp["outputs"]
-    print(f"\noutputs equal: {same}")
-    emit_json("bench_preemption", {m: {k: r[k] for k in keys} for m, r in results.items()} | {"equal": same})
+    names = list(results)
+    rows = [[k, *(results[n][k] for n in names)] for k in keys]
+    print_table("preemption modes on one overloaded workload", ["", *names], rows)
+    if "swap" in results:
+        base = results["swap"]["total_s"]
+        print("\nswap's total time / each run's: " + ", ".join(
+            f"{n} {base / r['total_s']:.3f}" for n, r in results.items() if n != "swap"))
+    outputs = [r["outputs"] for r in results.values()]
+    same = all(o == outputs[0] for o in outputs)
+    print(f"outputs equal across runs: {same}")
+    emit_json("bench_preemption", {n: {k: r[k] for k in keys} for n, r in results.items()} | {"equal": same})
     return 0 if same else 1
 
 

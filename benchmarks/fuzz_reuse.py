@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -61,6 +62,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch threads (1 leaves a core free for other work)")
     args = parser.parse_args()
+    # `kill` of a long run must still stop the servers it started (the ExitStack below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(max(1, args.threads))
     import logging
     logging.basicConfig(level=logging.ERROR)
