@@ -75,6 +75,15 @@ def check_overload(reference, swap, swapped, recompute, recomputed) -> None:
     # Swap recomputes a small fraction of what recompute mode does.
     assert r.preemption_recomputed_tokens_total > 0
     assert s.preemption_recomputed_tokens_total <= 0.2 * r.preemption_recomputed_tokens_total
+    # What /metrics shows is what happened.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvtier.engine.entrypoints.metrics import make_registry, render
+    samples = {sm.name: sm.value for fam in text_string_to_metric_families(render(make_registry(swap.stats))[0].decode())
+               for sm in fam.samples}
+    assert samples["kvtier_preemption_swapped_in_blocks_total"] == s.preemption_swapped_in_blocks_total
+    assert samples["kvtier_preemption_recomputed_tokens_total"] == s.preemption_recomputed_tokens_total
+    assert samples["kvtier_preemption_restore_seconds_count"] == s.restore.count
     # Nothing is left pinned once every request ended.
     assert swap.connector.swap.num_pins == 0
     assert swap.connector.store.cpu.usage()["pinned"] == 0

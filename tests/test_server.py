@@ -232,6 +232,8 @@ COMPLETION_OK = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     ("/v1/completions", b'{"prompt": "' + b"x" * 100 + b'", "cache_salt": "\\udfff"}', 400, None),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', 400, None),
     ("/v1/completions", {**COMPLETION_OK, "n": 65}, 400, "n"),
+    ("/v1/completions", {**COMPLETION_OK, "priority": "high"}, 400, "priority"),
+    ("/v1/chat/completions", {**CHAT_OK, "priority": 2 ** 64}, 400, "priority"),
 ])
 def test_bad_input_gets_an_openai_error(http, path, body, status, param):
     if isinstance(body, bytes):
@@ -331,7 +333,9 @@ def test_metrics_after_traffic(http, client):
                  "kvtier_kv_cache_usage_ratio", "kvtier_kv_cache_group_usage_ratio{group=",
                  "kvtier_kv_tier_lookup_tokens_total", "kvtier_kv_tier_hit_tokens_total",
                  "kvtier_kv_tier_bytes_total", "kvtier_kv_tier_usage_bytes", "kvtier_kv_tier_errors_total",
-                 "kvtier_kv_tier_corrupt_blocks_total"]:
+                 "kvtier_kv_tier_corrupt_blocks_total", "kvtier_preemption_swapped_out_blocks_total",
+                 "kvtier_preemption_swapped_in_blocks_total", "kvtier_preemption_swap_fallbacks_total",
+                 "kvtier_preemption_recomputed_tokens_total", "kvtier_preemption_restore_seconds_count"]:
         assert name in text
     assert metric(http, "kvtier_prompt_tokens_total") > 0
     assert metric(http, "kvtier_generation_tokens_total") > 0

@@ -73,7 +73,7 @@ class GenerationRequest(OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
     cache_salt: str | None = None  # vLLM extension: separates tenants' prefix caches
-    priority: int = 0  # vLLM extension: lower runs first under --scheduling-policy priority
+    priority: int = Field(0, ge=-(1 << 63), lt=1 << 63)  # vLLM extension: lower first (--scheduling-policy priority)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, SecretStr, model_validator
 
@@ -11,6 +12,7 @@ from kvtier.policies import cache_policy_factory
 from ..validation import ConfigError, validate
 
 TOKEN_ENV = "KVTIER_STORE_TOKEN"
+PERSISTENT_TYPES = ("fs", "obj")
 
 
 class StoreConfig(BaseModel):
@@ -22,7 +24,10 @@ class StoreConfig(BaseModel):
     high_water: float = Field(0.9, gt=0, le=1)  # evict once the pool passes this share of cpu_bytes
     fs_path: str | None = None  # persistence: objects written through to files, reloaded on start
     fs_bytes: PositiveInt | None = None  # the fs tier's capacity (default: unbounded)
-    fs_write_queue: PositiveInt = 256  # objects waiting for the disk before writes are dropped
+    fs_write_queue: PositiveInt = 256  # objects waiting to be persisted before writes are dropped
+    # Further persistent tiers below fs_path, written through and read in order
+    # on a miss: the tier specs of --kv-transfer-config, of type fs or obj.
+    secondary_tiers: list[dict[str, Any]] = Field(default_factory=list)
     eviction_policy: str = "lru"
     token: SecretStr | None = None  # every request must carry it (also token_file, $KVTIER_STORE_TOKEN)
     token_file: str | None = None
@@ -44,7 +49,25 @@ class StoreConfig(BaseModel):
             cache_policy_factory(self.eviction_policy)
         except (ValueError, KeyError) as error:
             raise ValueError(f"eviction_policy: {error}") from None
+        self.persistent_specs()  # every secondary tier checked before anything starts
         return self
+
+    def persistent_specs(self) -> list:
+        """The secondary tiers' specs, validated: fs or obj (objects here are
+        opaque and of any size; redis and store tiers need a block's size or
+        are this daemon's own clients)."""
+        from ..tiers import parse_tier_spec
+        specs = []
+        for i, raw in enumerate(self.secondary_tiers):
+            try:
+                spec = parse_tier_spec(raw)
+            except ValueError as error:
+                raise ValueError(f"secondary_tiers.{i}.{error}") from None
+            if spec.type not in PERSISTENT_TYPES:
+                raise ValueError(f"secondary_tiers.{i}.type: {spec.type!r} cannot hold the daemon's objects; "
+                                 f"use one of {', '.join(PERSISTENT_TYPES)}")
+            specs.append(spec)
+        return specs
 
     def secret(self) -> str | None:
         """The token from the config, its file or the environment, or None."""

@@ -1,5 +1,6 @@
 """What the daemon holds: opaque objects under keys, in a memory pool bounded
-by bytes, written through to an optional fs tier that survives a restart.
+by bytes, written through to optional persistent tiers (fs, then fs or obj
+below it) that survive a restart.
 
 The memory pool evicts through a CachePolicy once it passes its high-water
 mark and never grows past its capacity: a put that cannot fit (everything
@@ -9,8 +10,8 @@ bytes the pool counts are the bytes it holds. A namespace (the key's first
 segment) is a tenant; one with a quota evicts its own objects to stay under
 it and never another tenant's.
 
-Not thread-safe: the daemon's event loop owns it. Only the fs writer runs
-beside it, behind its own lock.
+Not thread-safe: the daemon's event loop owns it. Only the persistent
+tiers' writer runs beside it, behind its own lock.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Container
 
+from ..tiers.blob import BlobBackend
 from ..tiers.capacity import CapacityIndex
-from ..tiers.fs import FsBackend
 from .protocol import NO_ROOM, QUOTA, namespace_of
 
 logger = logging.getLogger(__name__)
@@ -47,46 +48,54 @@ class _OutsideNamespace(Container):
         return key in self._leases or self._entries[key].namespace != self._namespace
 
 
-class Persistence:
-    """The fs tier below the memory pool: write-through on a background
-    thread (a full queue drops the write, never blocks the loop), read back on
-    a miss, and rebuilt from the directory on start."""
+class _Level:
+    """One persistent tier: a backend and the index of what it holds."""
 
-    def __init__(self, root: str, capacity: int | None, policy, queue_depth: int) -> None:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(root)
-        self.backend = FsBackend(fs, path, read_threads=1, write_threads=1)
-        self._lock = threading.Lock()
-        self._index = CapacityIndex(capacity, policy)
-        self._queue: queue.Queue = queue.Queue(queue_depth)
-        self.dropped = 0
+    def __init__(self, name: str, backend: BlobBackend, capacity: int | None, policy) -> None:
+        self.name = name
+        self.backend = backend
+        self.index = CapacityIndex(capacity, policy)
         self.evictions = 0
         self.errors = 0
-        self._rebuild()
-        self._writer = threading.Thread(target=self._write_loop, name="kvstore-fs-writer", daemon=True)
+
+
+class Persistence:
+    """The tiers below the memory pool: `fs_path` first, then any further
+    secondary tiers (fs, obj). Writes go through to every one of them on a
+    background thread (a full queue drops the write, never blocks the loop);
+    a miss in memory reads the first tier that holds the key; each index is
+    rebuilt from its tier's listing on start, so a restarted daemon (or one
+    on a new host, over a shared bucket) serves what was stored before."""
+
+    def __init__(self, levels: list[tuple[str, BlobBackend, int | None]], policy_factory: Callable[[], object],
+                 queue_depth: int) -> None:
+        self.levels = [_Level(name, backend, capacity, policy_factory()) for name, backend, capacity in levels]
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(queue_depth)
+        self.dropped = 0
+        for level in self.levels:
+            self._rebuild(level)
+        self._writer = threading.Thread(target=self._write_loop, name="kvstore-persist", daemon=True)
         self._writer.start()
 
-    def _rebuild(self) -> None:
+    @staticmethod
+    def _rebuild(level: _Level) -> None:
         excess = []
-        for name, size, _ in sorted(self.backend.scan(), key=lambda entry: entry[2]):  # oldest first
-            reserved, victims = self._index.adopt(name, size)
+        try:
+            listing = sorted(level.backend.scan(), key=lambda entry: entry[2])  # oldest first
+        except Exception as error:  # a tier that is down at start: empty for now, written from here on
+            logger.warning("store: cannot list %s: %s", level.name, error)
+            level.errors += 1
+            return
+        for name, size, _ in listing:
+            reserved, victims = level.index.adopt(name, size)
             excess.extend(victims if reserved else [*victims, name])
         if excess:
-            self.backend.delete(excess)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._index)
-
-    @property
-    def used(self) -> int:
-        with self._lock:
-            return self._index.used
+            level.backend.delete(excess)
 
     def __contains__(self, key: str) -> bool:
         with self._lock:
-            return key in self._index
+            return any(key in level.index for level in self.levels)
 
     def write(self, key: str, frames: tuple, size: int) -> None:
         try:
@@ -95,8 +104,16 @@ class Persistence:
             self.dropped += 1
 
     def read(self, key: str) -> bytearray | None:
-        if key not in self:
-            return None
+        for level in self.levels:
+            with self._lock:
+                if key not in level.index:
+                    continue
+            data = self._read(level, key)
+            if data is not None:
+                return data
+        return None
+
+    def _read(self, level: _Level, key: str) -> bytearray | None:
         got: list[bytearray] = []
 
         def sink(_, reader, size: int) -> None:
@@ -105,25 +122,28 @@ class Persistence:
                 got.append(data)
 
         try:
-            self.backend.read([key], sink)
-        except OSError:
-            self.errors += 1
-        if not got:  # vanished or short: forget it
-            self.delete([key])
-            return None
+            level.backend.read([key], sink)
+        except Exception:
+            level.errors += 1
+            return None  # down: a miss here, the tier below may still have it
         with self._lock:
-            self._index.touch(key)
-        return got[0]
+            if not got:  # vanished or short: forget it
+                level.index.remove(key)
+                level.index.release(key)
+            else:
+                level.index.touch(key)
+        return got[0] if got else None
 
     def delete(self, keys: list[str]) -> None:
-        with self._lock:
-            for key in keys:
-                self._index.remove(key)
-                self._index.release(key)
-        try:
-            self.backend.delete(keys)
-        except OSError:
-            self.errors += 1
+        for level in self.levels:
+            with self._lock:
+                for key in keys:
+                    level.index.remove(key)
+                    level.index.release(key)
+            try:
+                level.backend.delete(keys)
+            except Exception:
+                level.errors += 1
 
     def _write_loop(self) -> None:
         while True:
@@ -131,37 +151,38 @@ class Persistence:
             try:
                 if item is None:
                     return
-                self._persist(*item)
+                for level in self.levels:
+                    self._persist(level, *item)
             finally:
                 self._queue.task_done()
 
-    def _persist(self, key: str, frames: tuple, size: int) -> None:
+    def _persist(self, level: _Level, key: str, frames: tuple, size: int) -> None:
         with self._lock:
-            if self._index.known(key):
+            if level.index.known(key):
                 return
-            reserved, victims = self._index.reserve(key, size)
+            reserved, victims = level.index.reserve(key, size)
         error = None
         try:
             if victims:
-                self.backend.delete(victims)
-                self.evictions += len(victims)
+                level.backend.delete(victims)
+                level.evictions += len(victims)
             if reserved:
-                error = self.backend.write([key], [list(frames)])[0]
-        except Exception as failure:  # the disk failed: the memory copy still serves
+                error = level.backend.write([key], [list(frames)])[0]
+        except Exception as failure:  # the tier failed: the memory copy still serves
             error = failure
         with self._lock:
             if reserved and error is None:
-                self._index.commit(key)
+                level.index.commit(key)
             elif reserved:
-                self._index.release(key)
+                level.index.release(key)
         if not reserved:
             self.dropped += 1
         elif error is not None:
-            self.errors += 1
-            logger.warning("store: persisting %s failed: %s", key, error)
+            level.errors += 1
+            logger.warning("store: persisting %s to %s failed: %s", key, level.name, error)
 
     def flush(self, timeout_s: float = 10.0) -> None:
-        """Wait until the queued writes are on disk (a clean shutdown, tests)."""
+        """Wait until the queued writes are stored (a clean shutdown, tests)."""
         deadline = time.monotonic() + timeout_s
         with self._queue.all_tasks_done:
             while self._queue.unfinished_tasks and (left := deadline - time.monotonic()) > 0:
@@ -170,7 +191,14 @@ class Persistence:
     def close(self) -> None:
         self._queue.put(None)
         self._writer.join(timeout=30)
-        self.backend.close()
+        for level in self.levels:
+            level.backend.close()
+
+    def usage(self) -> dict[str, dict]:
+        with self._lock:
+            return {level.name: {"objects": len(level.index), "used_bytes": level.index.used,
+                                 "evictions": level.evictions, "errors": level.errors, "dropped": self.dropped}
+                    for level in self.levels}
 
 
 class ObjectStore:
@@ -302,6 +330,5 @@ class ObjectStore:
             "leased": len(self._leases),
             "evictions": self.evictions,
             "refused": dict(self.refused),
-            "fs": None if fs is None else {"objects": len(fs), "used_bytes": fs.used, "dropped": fs.dropped,
-                                           "evictions": fs.evictions, "errors": fs.errors},
+            "persistent": {} if fs is None else fs.usage(),  # per tier below memory
         }

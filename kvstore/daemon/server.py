@@ -48,8 +48,7 @@ class StoreServer:
         self.cfg = cfg
         self._token = (cfg.secret() or "").encode() or None
         policy = cache_policy_factory(cfg.eviction_policy)
-        persistence = (Persistence(cfg.fs_path, cfg.fs_bytes, policy(), cfg.fs_write_queue)
-                       if cfg.fs_path else None)
+        persistence = self._persistence(cfg, policy)
         self.store = ObjectStore(cfg.cpu_bytes, cfg.high_water, policy, quotas=cfg.namespace_quotas,
                                  persistence=persistence, max_namespaces=cfg.max_namespaces)
         self.counts: Counter = Counter()  # (name, label) -> count, for stats and metrics
@@ -81,6 +80,23 @@ class StoreServer:
 
     # -- the loop -------------------------------------------------------------
 
+
+    @staticmethod
+    def _persistence(cfg: StoreConfig, policy) -> Persistence | None:
+        """fs_path, then the secondary tiers, each with its own capacity."""
+        levels = []
+        if cfg.fs_path:
+            from ..tiers.fs import FsSpec
+            backend = FsSpec(url=cfg.fs_path, n_read_threads=1, n_write_threads=1).make_backend()
+            levels.append(("fs", backend, cfg.fs_bytes))
+        names = {name for name, _, _ in levels}
+        for spec in cfg.persistent_specs():
+            name, n = spec.name or spec.type, 2
+            while name in names:
+                name, n = f"{spec.name or spec.type}{n}", n + 1
+            names.add(name)
+            levels.append((name, spec.make_backend(), spec.max_bytes))
+        return Persistence(levels, policy, cfg.fs_write_queue) if levels else None
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
@@ -329,13 +345,15 @@ class _StoreCollector:
         yield counter("auth_failures", "Requests without a valid token.", total("auth_failures"))
         yield counter("errors", "Error replies by code.", counts.get("errors", {}), "code")
         yield counter("refused_puts", "Puts refused, by reason.", memory.get("refused", {}), "reason")
-        fs = memory.get("fs") or {}
+        persistent = memory.get("persistent") or {}
         yield counter("evictions", "Objects evicted, by tier.",
-                      {"cpu": memory.get("evictions", 0), **({"fs": fs["evictions"]} if fs else {})}, "tier")
+                      {"cpu": memory.get("evictions", 0), **{n: t["evictions"] for n, t in persistent.items()}}, "tier")
+        yield counter("tier_errors", "Failed reads, writes or deletes of a persistent tier.",
+                      {n: t["errors"] for n, t in persistent.items()}, "tier")
         usage = GaugeMetricFamily("kvtier_store_usage_bytes", "Bytes held, by tier.", labels=["tier"])
         usage.add_metric(["cpu"], memory.get("used_bytes", 0))
-        if fs:
-            usage.add_metric(["fs"], fs["used_bytes"])
+        for name, tier in persistent.items():
+            usage.add_metric([name], tier["used_bytes"])
         yield usage
         capacity = GaugeMetricFamily("kvtier_store_capacity_bytes", "The memory pool's capacity.")
         capacity.add_metric([], memory.get("capacity_bytes", 0))

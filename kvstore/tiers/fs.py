@@ -73,10 +73,13 @@ class FsSpec(TierSpec):
     def location(self) -> str:
         return self.url or self.path or os.path.join(os.path.expanduser("~"), ".cache", "kvtier", "blocks")
 
-    def build(self, ctx: TierContext) -> BlobTier:
+    def make_backend(self) -> FsBackend:
         fs, root = fsspec.core.url_to_fs(self.location(), **self.storage_options)
-        backend = FsBackend(fs, root, fsync=self.fsync, read_threads=self.n_read_threads,
-                            write_threads=self.n_write_threads)
+        return FsBackend(fs, root, fsync=self.fsync, read_threads=self.n_read_threads,
+                         write_threads=self.n_write_threads)
+
+    def build(self, ctx: TierContext) -> BlobTier:
+        backend = self.make_backend()
         return BlobTier(self.name or self.type, "fs", backend, ctx.codec, capacity_bytes=self.max_bytes,
                         policy=ctx.policy_factory(self.eviction_policy), indexed=True, health=self.health())
 

@@ -127,10 +127,13 @@ class ObjSpec(TierSpec):
             skip_instance_cache=True, use_listings_cache=False,
         )
 
-    def build(self, ctx: TierContext) -> BlobTier:
+    def make_backend(self) -> "ObjectStoreBackend":
         fetch = fetch_s3_chunks if self.provider == "s3" else fetch_whole
-        backend = ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.in_flight(),
-                                     timeout_s=self.timeout_s)
+        return ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.in_flight(),
+                                  timeout_s=self.timeout_s)
+
+    def build(self, ctx: TierContext) -> BlobTier:
+        backend = self.make_backend()
         policy = ctx.policy_factory(self.eviction_policy) if self.max_bytes else None
         return BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,
                         policy=policy, health=self.health())

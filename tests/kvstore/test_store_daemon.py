@@ -163,11 +163,51 @@ def test_a_restart_comes_back_with_its_blocks_from_disk(daemon_with):
     time.sleep(0.1)
     assert bit_equal(torch.stack(_until_hit(tier, keys[:3])), blocks[:3])
     assert tier.put(keys[3:], blocks[3:]) == 3
-    _wait_for(lambda: tier.backend.stats()["memory"]["fs"]["objects"] == 6)
+    _wait_for(lambda: tier.backend.stats()["memory"]["persistent"]["fs"]["objects"] == 6)
     daemon.kill()  # a crash: what reached the disk comes back
     daemon.start()
     assert bit_equal(torch.stack(_until_hit(tier, keys)), blocks)
     tier.close()
+
+
+def test_an_object_store_below_the_disk_brings_the_blocks_back_on_a_new_host(tmp_path, s3_srv):
+    """fs_path, then S3 (moto) below it: written through to both; a daemon that
+    starts on an empty disk over the same bucket serves what the first stored."""
+    import json
+    bucket = s3_srv.create_bucket(f"below-{os.getpid()}-{random.randrange(1 << 30)}")
+    config = tmp_path / "store.json"
+    config.write_text(json.dumps({"secondary_tiers": [s3_srv.tier_spec(bucket)]}))
+    first = servers.StoreDaemon("--config", str(config), "--cpu-bytes", str(64 * MiB), fs_path=str(tmp_path / "a"))
+    second = servers.StoreDaemon("--config", str(config), "--cpu-bytes", str(64 * MiB), fs_path=str(tmp_path / "b"))
+    try:
+        first.start()
+        tier = build_tier(first.tier_spec(backoff_s=0.05), tier_context())
+        keys, blocks = block_keys(5), random_blocks(5)
+        assert tier.put(keys, blocks) == 5
+        _wait_for(lambda: tier.backend.stats()["memory"]["persistent"]["obj"]["objects"] == 5)
+        assert tier.backend.stats()["memory"]["persistent"]["fs"]["objects"] == 5
+        tier.close()
+        first.close()
+        second.start()  # its disk is empty: the bucket's listing is its index
+        tier = build_tier(second.tier_spec(backoff_s=0.05), tier_context())
+        assert bit_equal(torch.stack(_until_hit(tier, keys)), blocks)
+        memory = tier.backend.stats()["memory"]
+        assert memory["persistent"]["fs"]["objects"] == 0 and memory["persistent"]["obj"]["objects"] == 5
+        assert 'kvtier_store_usage_bytes{tier="obj"}' in second.metrics()
+        tier.close()
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("tier, field", [({"type": "redis", "url": "redis://127.0.0.1:1"}, "secondary_tiers.0.type"),
+                                         ({"type": "fs", "bogus": 1}, "secondary_tiers.0.bogus")])
+def test_a_tier_below_the_daemon_that_cannot_hold_its_objects_stops_start_up(tier, field):
+    from kvtier.kvstore.daemon import load_store_config
+    from kvtier.kvstore.validation import ConfigError
+    with pytest.raises(ConfigError) as error:
+        load_store_config(None, {"secondary_tiers": [tier]})
+    assert field in str(error.value)
 
 
 def _until_hit(tier, keys, timeout: float = 10.0):
