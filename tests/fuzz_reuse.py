@@ -193,9 +193,14 @@ class TierFaults:
         self.down = False
         if self.kind == "fs":
             away = self.root.with_name(self.root.name + ".away")
-            if away.exists():
+            for _ in range(100):  # the tier's writers may recreate files between the two calls
+                if not away.exists():
+                    break
                 shutil.rmtree(self.root, ignore_errors=True)  # what was written while it was away is lost
-                away.rename(self.root)
+                try:
+                    away.rename(self.root)
+                except OSError:
+                    continue
         elif self.kind in ("redis", "store"):
             self.servers[self.kind].start()  # empty again: neither keeps anything on disk here
         else:
