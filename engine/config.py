@@ -14,6 +14,9 @@ class EngineConfig(BaseModel):
     model: str = DEFAULT_MODEL_NAME
     served_model_name: list[str] | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The KV cache's own dtype, in the device pool and in every tier ("auto": the
+    # model's). A 16-bit cache halves the bytes; only float32 equals HF bit for bit.
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
     max_model_len: int | None = Field(None, ge=16)
     block_size: int = Field(16, ge=1, le=1024)
@@ -29,6 +32,13 @@ class EngineConfig(BaseModel):
     # None: swap when the KV connector has a CPU tier to keep a victim's KV in, else recompute.
     preemption_mode: Literal["swap", "recompute"] | None = None
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # vLLM's partial-prefill knobs. A prefill with more than the threshold to go
+    # computes at most that many tokens a step, and only max_long_partial_prefills
+    # such (of max_num_partial_prefills unfinished prefills) run in one step;
+    # decodes and short prefills go first. 0: off.
+    long_prefill_token_threshold: int = Field(0, ge=0)
+    max_num_partial_prefills: int = Field(1, ge=1)
+    max_long_partial_prefills: int = Field(1, ge=1)
     kv_transfer_config: Any = None  # connectors.config.KVTransferConfig
     kv_events_config: Any = None  # connectors.kv_events.KVEventsConfig
 
@@ -58,6 +68,8 @@ class EngineConfig(BaseModel):
     def _check(self):
         if self.max_num_batched_tokens < self.block_size:
             raise ValueError("max_num_batched_tokens must be >= block_size")
+        if self.max_long_partial_prefills > self.max_num_partial_prefills:
+            raise ValueError("max_long_partial_prefills must be <= max_num_partial_prefills")
         return self
 
     @property

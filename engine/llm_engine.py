@@ -17,7 +17,7 @@ from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
 from kvtier.engine.core.outputs import RequestOutput
 from kvtier.engine.core.request import Request, RequestStatus
 from kvtier.engine.core.sampling_params import SamplingParams
-from kvtier.engine.core.scheduler import Scheduler
+from kvtier.engine.core.scheduler import PrefillLimits, Scheduler
 from kvtier.engine.core.stats import TTFT_BUCKETS, EngineStats, Histogram
 from kvtier.engine.detokenizer import IncrementalDetokenizer
 from kvtier.engine.errors import RequestError
@@ -26,7 +26,7 @@ from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.loader import LoadedModel, load_model
 from kvtier.engine.model.runner import ModelRunner
 from kvtier.engine.output_processor import OutputKind, RequestGroup
-from kvtier.engine.platform import kv_pool_blocks, pick_device, pick_dtype
+from kvtier.engine.platform import kv_pool_blocks, pick_device, pick_dtype, pick_kv_cache_dtype
 
 logger = logging.getLogger("kvtier.engine")
 
@@ -35,6 +35,7 @@ class LLMEngine:
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.kv_cache_dtype = pick_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         torch.manual_seed(config.seed)
         self.loaded = loaded or load_model(config.model, self.dtype)
         cfg = self.loaded.config
@@ -49,10 +50,12 @@ class LLMEngine:
             # The model holds what it needs (prepacked linears are copies): keeping
             # the loader's tensors too would double the weights' memory.
             self.loaded.weights.clear()
-        self.num_blocks = kv_pool_blocks(config, cfg, self.groups, self.max_model_len, self.device, self.dtype)
+        self.num_blocks = kv_pool_blocks(config, cfg, self.groups, self.max_model_len, self.device,
+                                       self.kv_cache_dtype)
         self.kv_cache_manager = KVCacheManager(self.groups, self.num_blocks, self.block_size,
                                                config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache_manager, self.num_blocks, self.block_size,
+                                  self.kv_cache_dtype)
         self.connector = self._make_connector()
         self.kv_events = make_publisher(config.kv_events_config)
         if self.kv_events is not None:
@@ -67,15 +70,17 @@ class LLMEngine:
         self.preemption_mode = self._preemption_mode()
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, self.connector, policy, self.preemption_mode,
-                                   config.scheduling_policy)
+                                   config.scheduling_policy,
+                                   PrefillLimits(config.long_prefill_token_threshold, config.max_num_partial_prefills,
+                                                 config.max_long_partial_prefills))
         choose_attention(self.model, self.runner, self.device)
         self.requests: dict[str, RequestGroup] = {}
         self._child_to_group: dict[str, RequestGroup] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.ttft = Histogram(TTFT_BUCKETS)
-        logger.info("KV pool: %d blocks of %d tokens (%d groups) on %s, %s", self.num_blocks,
-                    self.block_size, len(self.groups), self.device, self.dtype)
+        logger.info("KV pool: %d blocks of %d tokens (%d groups) on %s, %s (model %s)", self.num_blocks,
+                    self.block_size, len(self.groups), self.device, self.kv_cache_dtype, self.dtype)
 
     # -- set-up ------------------------------------------------------------
     def _make_connector(self):
@@ -85,7 +90,7 @@ class LLMEngine:
         from kvtier.connectors.base import KVGroupLayout, KVLayout
         from kvtier.connectors.registry import create_connector
         layout = KVLayout(
-            block_size=self.block_size, page_shape=tuple(self.runner.kv_cache.shape[1:]), dtype=self.dtype,
+            block_size=self.block_size, page_shape=tuple(self.runner.kv_cache.shape[1:]), dtype=self.kv_cache_dtype,
             groups=tuple(KVGroupLayout(g.index, g.layers, getattr(g.spec, "window", None)) for g in self.groups),
             model_name=self.model_name, model_fingerprint=self.loaded.fingerprint)
         connector = create_connector(ktc, layout)

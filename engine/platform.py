@@ -22,6 +22,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def pick_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    return model_dtype if name == "auto" else DTYPES[name]
+
+
 def kv_pool_blocks(config: EngineConfig, model_config, groups, max_model_len: int, device: torch.device,
                    dtype: torch.dtype) -> int:
     """Blocks in the pool, the null block included: the override, or what the

@@ -55,6 +55,13 @@ _libc = None
 
 
 @pytest.fixture(autouse=True)
+def _shutdown_engines():
+    import engines
+    yield
+    engines.shutdown_all()
+
+
+@pytest.fixture(autouse=True)
 def _return_freed_memory():
     """Hand memory freed by a test back to the OS. Engines allocate and drop
     pools of hundreds of MB; glibc keeps freed arenas mapped, and over the

@@ -59,6 +59,10 @@ class Workload:
     preemption_mode: str = "swap"
     scheduling_policy: str = "fcfs"
     priorities: dict[str, int] = field(default_factory=dict)  # request -> priority (scheduling_policy=priority)
+    kv_cache_dtype: str = "auto"  # a 16-bit cache is compared with a no-connector run of the same dtype
+    long_prefill_token_threshold: int = 0
+    max_num_partial_prefills: int = 1
+    max_long_partial_prefills: int = 1
 
 
 def make_workload(seed: int, tier: str, block_size: int, vocab: int, blocks_needed, scale: float = 1.0) -> Workload:
@@ -95,6 +99,11 @@ def make_workload(seed: int, tier: str, block_size: int, vocab: int, blocks_need
     wl.preemption_mode = sched.choice(["swap", "swap", "swap", "recompute"])
     wl.scheduling_policy = sched.choice(["fcfs", "fcfs", "priority"])
     wl.priorities = {a.request_id: sched.randrange(0, 3) for a in arrivals}
+    later = random.Random(seed ^ 0x10F6)  # the same again for what came after
+    wl.kv_cache_dtype = later.choice(["auto", "auto", "auto", "float16", "bfloat16"])
+    wl.long_prefill_token_threshold = later.choice([0, 0, 16, 48, 128])
+    wl.max_num_partial_prefills = later.randint(1, 3)
+    wl.max_long_partial_prefills = later.randint(1, wl.max_num_partial_prefills)
     return wl
 
 
@@ -321,7 +330,8 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
         if tier != "cpu" else None
     expected = reference(model, wl, reference_cache)
     summary = {"seed": seed, "tier": tier, "requests": len(wl.arrivals), "faults": wl.fault_kinds,
-               "mode": f"{wl.preemption_mode}/{wl.scheduling_policy}",
+               "mode": f"{wl.preemption_mode}/{wl.scheduling_policy}/kv {wl.kv_cache_dtype}/long "
+                       f"{wl.long_prefill_token_threshold or 'off'}",
                "preemptions": 0, "swapped_out_blocks": 0, "failed_loads": 0, "cached_tokens": 0, "tier_hit_tokens": {}}
     with ExitStack() as stack:
         if faults is not None:
@@ -332,7 +342,7 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
             if problems:
                 raise FuzzFailure(f"seed {seed} ({tier}, offload {wl.offload_tokens}, {wl.num_blocks} blocks, "
                                   f"faults {wl.fault_kinds}, phase {phase + 1}):\n  " + "\n  ".join(problems[:10]))
-    if hf_model is not None:
+    if hf_model is not None and wl.kv_cache_dtype == "auto":  # a 16-bit cache is not HF's arithmetic
         from hf_reference import hf_greedy
         a = random.Random(seed + 3).choice(wl.arrivals)
         want = hf_greedy(hf_model, a.prompt, a.max_tokens)
@@ -350,7 +360,10 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, num_gpu_blocks_override=wl.num_blocks,
                                     max_num_batched_tokens=wl.max_num_batched_tokens, block_size=16,
                                     max_model_len=4096, preemption_mode=wl.preemption_mode,
-                                    scheduling_policy=wl.scheduling_policy), loaded=model)
+                                    scheduling_policy=wl.scheduling_policy, kv_cache_dtype=wl.kv_cache_dtype,
+                                    long_prefill_token_threshold=wl.long_prefill_token_threshold,
+                                    max_num_partial_prefills=wl.max_num_partial_prefills,
+                                    max_long_partial_prefills=wl.max_long_partial_prefills), loaded=model)
     try:
         witness = PageWitness(engine)
         if faults is not None:
@@ -415,17 +428,21 @@ def reference(model, wl: Workload, cache: dict) -> dict[str, list[int]]:
     from kvtier.engine.config import EngineConfig
     from kvtier.engine.core.sampling_params import SamplingParams
     from kvtier.engine.llm_engine import LLMEngine
-    todo = [a for a in wl.arrivals if (id(model), tuple(a.prompt)) not in cache
-            or len(cache[(id(model), tuple(a.prompt))]) < a.max_tokens]
+    def key(a: Arrival) -> tuple:
+        return id(model), wl.kv_cache_dtype, tuple(a.prompt)
+    todo = [a for a in wl.arrivals if key(a) not in cache or len(cache[key(a)]) < a.max_tokens]
     if todo:
-        if "engine" not in cache or cache["engine"][0] is not model:
-            cache["engine"] = (model, LLMEngine(EngineConfig(max_model_len=4096), loaded=model))
+        made_for = cache.get("engine", ((None, None), None))[0]
+        if made_for[0] is not model or made_for[1] != wl.kv_cache_dtype:
+            cache.pop("engine", None)  # one reference engine at a time: each holds a full pool
+            cache["engine"] = ((model, wl.kv_cache_dtype),
+                               LLMEngine(EngineConfig(max_model_len=4096, kv_cache_dtype=wl.kv_cache_dtype),
+                                         loaded=model))
         engine = cache["engine"][1]
         for i, a in enumerate(todo):
             engine.add_request(f"ref{i}", a.prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
-                    a = todo[int(out.request_id[3:])]
-                    cache[(id(model), tuple(a.prompt))] = out.outputs[0].token_ids
-    return {a.request_id: cache[(id(model), tuple(a.prompt))][:a.max_tokens] for a in wl.arrivals}
+                    cache[key(todo[int(out.request_id[3:])])] = out.outputs[0].token_ids
+    return {a.request_id: cache[key(a)][:a.max_tokens] for a in wl.arrivals}

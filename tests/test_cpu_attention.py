@@ -44,19 +44,26 @@ CASES = {
     "mha": ([5, 33, 16], [0, 0, 0], 4, 4, 32, 0),
     "window_trimmed_table": ([50, 45, 10, 200], [16, 16, 0, 176], 9, 3, 64, 20),
     "window_full_table": ([50, 45, 10], [0, 0, 0], 9, 3, 64, 20),
+    # Past the kernel's 512-key chunk: one sequence split across tasks, merged after.
+    "long_split": ([1300, 2049, 512, 513], [0, 0, 0, 0], 9, 3, 64, 0),
+    "long_window": ([1800, 700], [560, 0], 9, 3, 64, 1100),
 }
+# (q and out, cache): the model's dtype, and a 16-bit cache under a float32 model.
+DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+          "f32_f16cache": (torch.float32, torch.float16), "f32_bf16cache": (torch.float32, torch.bfloat16)}
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_matches_reference(case, dtype):
+def test_kernel_matches_reference(case, dtypes):
     lens, firsts, h, kvh, d, window = CASES[case]
+    dtype, kv_dtype = DTYPES[dtypes]
     gen = torch.Generator().manual_seed(0)
     nblocks = [math.ceil((n - f) / BS) for n, f in zip(lens, firsts)]
     num_blocks = sum(nblocks) + 4
     # NaN everywhere the kernel must not read: other slots, unused blocks, slots past each length.
-    kv = torch.full((num_blocks, 2, 2, BS, kvh, d), float("nan"), dtype=dtype)
+    kv = torch.full((num_blocks, 2, 2, BS, kvh, d), float("nan"), dtype=kv_dtype)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, used = [], 0
     for n, f, nb in zip(lens, firsts, nblocks):
@@ -64,7 +71,7 @@ def test_kernel_matches_reference(case, dtype):
         used += nb
         for j, blk in enumerate(table):
             valid = min(BS, n - f - j * BS)
-            kv[blk, 1, :, :valid] = torch.randn(2, valid, kvh, d, generator=gen).to(dtype)
+            kv[blk, 1, :, :valid] = torch.randn(2, valid, kvh, d, generator=gen).to(kv_dtype)
         tables.append(table)
     width = max(nblocks)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
@@ -77,7 +84,7 @@ def test_kernel_matches_reference(case, dtype):
     kernel.paged_decode_attention(out, q, kv, 1, rows, padded, torch.tensor(lens), torch.tensor(firsts),
                                   window, scale)
     want = reference(q, kv, 1, rows.tolist(), tables, lens, firsts, window, scale)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the reference reads the same rounded cache
     torch.testing.assert_close(out[rows].double(), want[rows], atol=tol, rtol=tol)
     untouched = torch.ones(t_rows, dtype=torch.bool)
     untouched[rows] = False

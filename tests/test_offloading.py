@@ -7,6 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
+import engines
 import pytest
 
 from kvtier.engine.config import EngineConfig
@@ -33,20 +34,10 @@ def offloading(secondary: list[dict] | None = None, cpu_bytes: int = 128_000_000
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both", "kv_connector_extra_config": cfg}
 
 
-_engines: list[LLMEngine] = []
-
-
-@pytest.fixture(autouse=True)
-def _shutdown_engines():
-    yield
-    while _engines:  # stops the store threads, which would otherwise keep every pool alive
-        _engines.pop().shutdown()
-
-
 def make_llm(loaded, ktc, **kw) -> LLM:
     kw.setdefault("num_gpu_blocks_override", 96)  # 1536 tokens: other traffic pushes a prompt out
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, **kw), loaded=loaded)
-    _engines.append(engine)
+    engines.track(engine)
     return LLM.from_engine(engine)
 
 

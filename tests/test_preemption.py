@@ -8,6 +8,7 @@ greedy output must equal the run with an unconstrained pool, in either mode,
 and HF transformers on a sample."""
 from __future__ import annotations
 
+import engines
 import pytest
 import torch
 
@@ -21,15 +22,6 @@ from kvtier.kvstore.validation import ConfigError
 from hf_reference import hf_greedy
 from tiny_models import save_tiny
 
-_engines: list[LLMEngine] = []
-
-
-@pytest.fixture(autouse=True)
-def _shutdown_engines():
-    yield
-    while _engines:
-        _engines.pop().shutdown()
-
 
 def offloading(cpu_bytes: int = 256 << 20, **extra) -> dict:
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -38,7 +30,7 @@ def offloading(cpu_bytes: int = 256 << 20, **extra) -> dict:
 
 def engine(loaded, **kw) -> LLMEngine:
     e = LLMEngine(EngineConfig(**kw), loaded=loaded)
-    _engines.append(e)
+    engines.track(e)
     return e
 
 
@@ -162,6 +154,45 @@ def test_aborting_a_swapped_out_request_frees_its_pins(hybrid):
     while e.has_unfinished_requests():
         e.step()
     assert swap.num_pins == 0 and cpu.usage()["pinned"] == 0
+
+
+def test_a_victim_that_must_give_up_its_kept_prefix_too_swaps_it_out_and_recomputes_nothing(hybrid):
+    """The victim kept its prefix on device and swapped its tail; then nothing
+    runs and the head of the queue is short: the prefix joins the tail in one
+    record, and the whole request loads back (it used to recompute)."""
+    from kvtier.connectors.base import StepPlan
+    from kvtier.engine.core.scheduler import SchedulerOutput
+    _, loaded = hybrid
+    prompts = random_prompts(2, 600, seed=11)
+    reference = generate(engine(loaded), prompts[:1], 40)
+    e = engine(loaded, kv_transfer_config=offloading(), num_gpu_blocks_override=240, max_num_batched_tokens=512)
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    e.add_request("victim", prompts[0], sp)
+    while not e.requests["victim"].children[0].output_token_ids:
+        e.step()
+    s = e.scheduler
+    victim = s.running[0]
+    flush = lambda: e.connector.start_load_kv(e.connector.build_connector_meta(StepPlan([], set())))  # noqa: E731
+    s._preempt(victim, 1)  # gives up its last block: the tail is swapped, the prefix stays
+    flush()
+    kept, upto = victim.num_computed_tokens, victim.swapped_upto
+    assert 0 < kept < upto and s.kv_cache.block_ids("victim")[0][0] != 0
+    e.add_request("head", prompts[1], sp)
+    head = next(r for r in s.waiting if r.request_id == "head")
+    assert not s._never_fits(head, SchedulerOutput())  # nothing runs: the holder gives its blocks up
+    assert victim.num_computed_tokens == 0 and victim.swapped_upto == upto
+    assert not any(b for table in s.kv_cache.block_ids("victim") for b in table)
+    flush()
+    e.abort_request("head")
+    out = None
+    while e.has_unfinished_requests():
+        for o in e.step():
+            out = o if o.request_id == "victim" else out
+    assert out.outputs[0].token_ids == reference[0]
+    stats = e.stats()
+    assert stats.preemption_swap_fallbacks_total == 0
+    assert stats.preemption_recomputed_tokens_total == 0
+    assert e.connector.swap.num_pins == 0
 
 
 def finish_order(e: LLMEngine, prompts, priorities, max_tokens: int, late: dict | None = None) -> list[str]:

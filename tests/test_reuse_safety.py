@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import engines
 import pytest
 import torch
 
@@ -32,19 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent / "examples"))
 WINDOW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
-_engines: list[LLMEngine] = []
-
-
-@pytest.fixture(autouse=True)
-def _shutdown_engines():
-    yield
-    while _engines:
-        _engines.pop().shutdown()
-
-
 def make_llm(loaded, ktc=None, **kw) -> LLM:
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, **kw), loaded=loaded)
-    _engines.append(engine)
+    engines.track(engine)
     return LLM.from_engine(engine)
 
 
@@ -373,7 +364,7 @@ def test_a_hung_tier_lookup_never_holds_other_requests(default_model):
 def test_when_the_engine_thread_dies_every_request_ends_and_health_says_so(default_model):
     from kvtier.engine.entrypoints.async_engine import AsyncLLMEngine, EngineDeadError
     engine = LLMEngine(EngineConfig(), loaded=default_model)
-    _engines.append(engine)
+    engines.track(engine)
     real_stats = engine.stats
 
     def stats_that_breaks():
@@ -403,7 +394,7 @@ def test_when_the_engine_thread_dies_every_request_ends_and_health_says_so(defau
 def test_a_slow_reader_holds_one_merged_delta_not_a_queue(default_model):
     from kvtier.engine.entrypoints.async_engine import AsyncLLMEngine
     served = AsyncLLMEngine(LLMEngine(EngineConfig(), loaded=default_model))
-    _engines.append(served.engine)
+    engines.track(served.engine)
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     reference = make_llm(default_model).generate(["Once upon a time"], params, use_tqdm=False)[0].outputs[0]
 

@@ -31,7 +31,9 @@ DEVICE = "cuda" if USE_CUDA else "cpu"
 BLOCK_SIZE = 16
 LAYERS_PER_GROUP = 2
 LAYER_SLOT = 1  # not 0, so slot indexing is exercised
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# name: (q and out, the cache); the last is a 16-bit cache under a float32 model (--kv-cache-dtype).
+DTYPES = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float16),
+          "fp32_fp16cache": (torch.float32, torch.float16)}
 TOLERANCE = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 
 SMOLLM2 = dict(num_heads=9, num_kv_heads=3, head_dim=64)  # GQA ratio 3
@@ -72,7 +74,7 @@ def make_batch(case: str, dtype_name: str, device: str = DEVICE) -> Batch:
     -1).  One stray read shows up as NaN in the output.
     """
     seqs, heads, window, unmap_before_window = CASES[case]
-    dtype = DTYPES[dtype_name]
+    dtype, kv_dtype = DTYPES[dtype_name]
     num_heads, num_kv_heads, head_dim = heads["num_heads"], heads["num_kv_heads"], heads["head_dim"]
     gen = torch.Generator().manual_seed(0)
     blocks_per_seq = [math.ceil((c + n) / BLOCK_SIZE) for c, n in seqs]
@@ -81,7 +83,7 @@ def make_batch(case: str, dtype_name: str, device: str = DEVICE) -> Batch:
     free = torch.randperm(num_blocks, generator=gen).tolist()
 
     kv_cache = torch.full(
-        (num_blocks, LAYERS_PER_GROUP, 2, BLOCK_SIZE, num_kv_heads, head_dim), float("nan"), dtype=dtype
+        (num_blocks, LAYERS_PER_GROUP, 2, BLOCK_SIZE, num_kv_heads, head_dim), float("nan"), dtype=kv_dtype
     )
     block_tables = torch.full((len(seqs), max_blocks), -1, dtype=torch.int32)
     for s, (context_len, q_len) in enumerate(seqs):

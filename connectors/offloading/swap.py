@@ -15,7 +15,9 @@ new victim that would pass the bound makes the oldest records give theirs up
 
 swap_in builds a load over the kept keys into the victim's new blocks, and
 only if they cover every real block it holds between start and end; the
-pins go once the load holds its own.
+pins go once the load holds its own. A victim that kept its prefix on device
+and must give that up too (nothing else can make room) swaps it out into the
+same record, which then covers both.
 """
 from __future__ import annotations
 
@@ -71,20 +73,31 @@ class SwapSpace:
     # -- scheduler side ------------------------------------------------------
     def swap_out(self, request_id: str, block_hashes: list[bytes], tables: list[list[int]],
                  start: int, end: int) -> int:
-        self.drop(request_id)
+        """Record [start, end) of the request's KV. A record it has already that
+        starts at `end` (a victim that kept its prefix and must now give that up
+        too) grows to cover both; any other is replaced."""
+        kept = self._records.get(request_id)
+        if kept is None or kept.start != end or kept.loading:
+            self.drop(request_id)
+            kept = None
         pieces = self._pieces(block_hashes, tables, start, end)
         if not pieces or len(pieces) > self.max_pins:
             self.num_declined += 1
             return 0
         while self.num_pins + len(pieces) > self.max_pins:
-            oldest = next((rid for rid, rec in self._records.items() if rec.ready), None)
+            oldest = next((rid for rid, rec in self._records.items() if rec.ready and rec is not kept), None)
             if oldest is None:
                 self.num_declined += 1
                 return 0
             self.drop(oldest)
             self.num_dropped_for_room += 1
-        record = _Swapped(request_id, start, end, pieces)
-        self._records[request_id] = record
+        if kept is not None:  # its pieces are flushed and pinned already; the new ones are not
+            kept.start, kept.pieces, kept.ready = start, pieces + kept.pieces, False
+            self._records.move_to_end(request_id)
+            record = kept
+        else:
+            record = _Swapped(request_id, start, end, pieces)
+            self._records[request_id] = record
         self._unflushed.append(record)
         self.num_pins += len(pieces)
         return sum(len(p.rows) for p in pieces)
@@ -163,6 +176,8 @@ class SwapSpace:
         for record in records:
             serial = next(self._serial)
             for p in record.pieces:
+                if p.key:  # flushed with an earlier part of this record
+                    continue
                 if p.content_key is not None and cpu.acquire([p.content_key])[0] is not None:
                     p.key = p.content_key  # there already: pinned, nothing to copy
                     record.pinned.append(p.key)

@@ -52,8 +52,10 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 
 
 def write_kv(kv_cache: torch.Tensor, slot: int, meta: GroupAttention, k: torch.Tensor, v: torch.Tensor) -> None:
-    kv_cache[meta.slot_blocks, slot, 0, meta.slot_offsets] = k
-    kv_cache[meta.slot_blocks, slot, 1, meta.slot_offsets] = v
+    """Rounds K/V to the cache's dtype (--kv-cache-dtype): attention then reads
+    the rounded values whether they were computed this step, earlier or loaded."""
+    kv_cache[meta.slot_blocks, slot, 0, meta.slot_offsets] = k.to(kv_cache.dtype)
+    kv_cache[meta.slot_blocks, slot, 1, meta.slot_offsets] = v.to(kv_cache.dtype)
 
 
 def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, meta: GroupAttention,
@@ -70,14 +72,14 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, me
     elif meta.decode_tokens is not None:
         bt = meta.decode_block_tables
         b = bt.shape[0]
-        k = kv_cache[bt, slot, 0].reshape(b, -1, kvh, d).transpose(1, 2)
-        v = kv_cache[bt, slot, 1].reshape(b, -1, kvh, d).transpose(1, 2)
+        k = kv_cache[bt, slot, 0].to(q.dtype).reshape(b, -1, kvh, d).transpose(1, 2)
+        v = kv_cache[bt, slot, 1].to(q.dtype).reshape(b, -1, kvh, d).transpose(1, 2)
         qd = q[meta.decode_tokens].unsqueeze(2)  # [B, H, 1, D]
         o = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out[meta.decode_tokens] = o.squeeze(2)
     for p in meta.prefills:
-        k = kv_cache[p.block_table, slot, 0].reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
-        v = kv_cache[p.block_table, slot, 1].reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
+        k = kv_cache[p.block_table, slot, 0].to(q.dtype).reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
+        v = kv_cache[p.block_table, slot, 1].to(q.dtype).reshape(-1, kvh, d)[:p.seq_len].transpose(0, 1).unsqueeze(0)
         qp = q[p.q_start:p.q_end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qp, k, v, attn_mask=p.mask, is_causal=p.mask is None and p.q_end - p.q_start > 1,
                                            scale=scale, enable_gqa=True)

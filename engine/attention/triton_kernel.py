@@ -150,12 +150,12 @@ def _paged_attention_kernel(
             k_cache_ptr + key_offs[None, :] + dims[:, None] * stride_kv_dim,
             mask=key_ok[None, :] & dim_ok[:, None],
             other=0.0,
-        )
+        ).to(q.dtype)  # a 16-bit cache (--kv-cache-dtype) is widened to q's dtype
         v = tl.load(  # masked slots must read as 0, not whatever is there: 0 * NaN is NaN
             v_cache_ptr + key_offs[:, None] + dims[None, :] * stride_kv_dim,
             mask=key_ok[:, None] & dim_ok[None, :],
             other=0.0,
-        )
+        ).to(q.dtype)
 
         scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         visible = key_ok[None, :] & (key_pos[None, :] <= q_pos[:, None])
@@ -227,8 +227,6 @@ def paged_attention(
     _, layers_per_group, _, block_size, num_kv_heads, kv_head_dim = kv_cache.shape
     if kv_head_dim != head_dim or num_heads % num_kv_heads != 0:
         raise ValueError(f"q has {num_heads} heads x {head_dim}, kv_cache {num_kv_heads} kv heads x {kv_head_dim}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"q is {q.dtype} but kv_cache is {kv_cache.dtype}")
     if not 0 <= layer_slot < layers_per_group:
         raise ValueError(f"layer_slot {layer_slot} out of range for {layers_per_group} layers per group")
     if sliding_window is not None and sliding_window < 1:

@@ -11,6 +11,13 @@ a tier.
 Order: under `fcfs` by arrival; under `priority` by (priority, arrival), lower
 first, and a waiting request may preempt a running one of lower priority.
 
+Long prefills (vLLM's --long-prefill-token-threshold, off by default): a
+prefill of more than the threshold gets at most that many tokens a step, and
+only `max_long_partial_prefills` of them (of `max_num_partial_prefills`
+prefills that do not complete this step) get a chunk at all; decodes and short
+prefills go first. A short follow-up then waits one short step, not behind
+another user's whole cold prefill; a long prefill held back keeps its place.
+
 Preemption when the pool runs short takes the lowest running request (the
 latest among equals). In `swap` mode it gives up only as many blocks as the
 step lacks, from the tail of its table: the connector keeps their KV (the
@@ -41,6 +48,7 @@ class Admission(Enum):
     ASKING = "asking"       # its tier lookup is in flight: ask again next step
     AGAIN = "again"         # its swapped KV is gone: try it again as a recompute
     SHORT = "short"         # the pool lacks blocks for it
+    DEFERRED = "deferred"   # a long prefill while the step has its share of them: next step
 
 
 @dataclass
@@ -49,12 +57,48 @@ class ScheduledChunk:
     `num_computed_tokens`."""
     request: Request
     num_new_tokens: int
+    # After this step the request has all its tokens' KV: sample its next one.
+    # Fixed when the chunk is made: once the step advances the request, the
+    # same sum would call a partial chunk complete.
+    completes_prompt: bool = field(init=False)
 
-    @property
-    def completes_prompt(self) -> bool:
-        """After this step the request has all its tokens' KV: sample its next one."""
+    def __post_init__(self) -> None:
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens >= r.num_tokens
+        self.completes_prompt = r.num_computed_tokens + self.num_new_tokens >= r.num_tokens
+
+
+@dataclass(frozen=True)
+class PrefillLimits:
+    """vLLM's partial-prefill knobs; long_threshold 0 switches them all off."""
+    long_threshold: int = 0
+    max_partial: int = 1  # prefills that do not complete this step, long or cut by the budget
+    max_long: int = 1     # of those, long ones (more than long_threshold tokens to go)
+
+    def is_long(self, req: Request) -> bool:
+        return 0 < self.long_threshold < req.num_tokens - req.num_computed_tokens
+
+
+class PrefillCount:
+    """This step's partial prefills, against PrefillLimits."""
+
+    def __init__(self, limits: PrefillLimits) -> None:
+        self.limits = limits
+        self.partial = self.long = 0
+
+    def chunk(self, remaining: int, budget: int) -> int:
+        """Tokens a prefill with `remaining` to go may compute now (0: none this step)."""
+        lim = self.limits
+        num_new = min(remaining, budget, lim.long_threshold or remaining)
+        if lim.long_threshold and num_new < remaining:
+            is_long = remaining > lim.long_threshold
+            if self.partial >= lim.max_partial or (is_long and self.long >= lim.max_long):
+                return 0
+        return num_new
+
+    def add(self, remaining: int, num_new: int) -> None:
+        if self.limits.long_threshold and num_new < remaining:
+            self.partial += 1
+            self.long += remaining > self.limits.long_threshold
 
 
 @dataclass
@@ -72,8 +116,10 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, kv_cache: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, connector=None, load_failure_policy: str = "recompute",
-                 preemption_mode: str = "recompute", scheduling_policy: str = "fcfs"):
+                 preemption_mode: str = "recompute", scheduling_policy: str = "fcfs",
+                 prefill_limits: PrefillLimits = PrefillLimits()):
         self.kv_cache = kv_cache
+        self.prefill_limits = prefill_limits
         self.swap = preemption_mode == "swap"
         self.by_priority = scheduling_policy == "priority"
         self._arrivals = itertools.count()
@@ -145,42 +191,58 @@ class Scheduler:
         self._preempted_now = set()
         if self.connector is not None:
             self._collect_transfers(out)
-        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        prefills = PrefillCount(self.prefill_limits)
+        budget = self._schedule_running(out, self.max_num_batched_tokens, prefills)
         # Admitting new work right after preempting would only thrash the pool.
         if not out.num_preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, prefills)
         out.finished_req_ids |= self._finished_ids  # requests this very call ended
         self._finished_ids = set()
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+    def _schedule_running(self, out: SchedulerOutput, budget: int, prefills: PrefillCount) -> int:
+        # Decodes and short prefills first, long prefills after (with limits on, else in rank order).
+        limits = self.prefill_limits
+        order = sorted(self.running, key=limits.is_long) if limits.long_threshold else list(self.running)
+        scheduled: set[str] = set()
+        for req in order:
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted for one before it this step
+                continue
+            remaining = req.num_tokens - req.num_computed_tokens
+            num_new = prefills.chunk(remaining, budget)
+            if num_new == 0:
+                continue  # a long prefill beyond this step's share: it keeps its blocks and place
             while not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens, num_new):
-                victim = self.running[-1]  # the lowest, never one scheduled already this step
+                # The lowest running request not scheduled yet this step (itself, at worst).
+                victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
                 self._preempt(victim, None if victim is req else self.kv_cache.last_shortfall)
                 out.num_preempted += 1
                 if victim is req:
                     num_new = 0
                     break
             if num_new == 0:
-                break
+                continue
             out.scheduled.append(ScheduledChunk(req, num_new))
+            scheduled.add(req.request_id)
+            prefills.add(remaining, num_new)
             budget -= num_new
-            i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        asking: list[Request] = []  # their tier lookups are still in flight: ask again next step
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, prefills: PrefillCount) -> None:
+        # Tier lookups still in flight, and long prefills past this step's share:
+        # skipped for now, back at the front in their order.
+        skipped: list[Request] = []
+        num_asking = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.request_id in self._preempted_now:
                 break  # its swapped KV is copied out only as this step starts: back next step
-            result = self._try_admit(req, budget, out)
-            if result is Admission.ASKING:
-                asking.append(self.waiting.popleft())
+            result = self._try_admit(req, budget, out, prefills)
+            if result in (Admission.ASKING, Admission.DEFERRED):
+                skipped.append(self.waiting.popleft())
+                num_asking += result is Admission.ASKING
             elif result is Admission.ADMITTED:
                 budget -= out.scheduled[-1].num_new_tokens
             elif result is Admission.SHORT:
@@ -189,27 +251,30 @@ class Scheduler:
                     budget += freed
                 elif not self._never_fits(req, out):
                     break
-        self.waiting.extendleft(reversed(asking))
-        self.num_asking = len(asking)
+        self.waiting.extendleft(reversed(skipped))
+        self.num_asking = num_asking
 
-    def _try_admit(self, req: Request, budget: int, out: SchedulerOutput) -> Admission:
+    def _try_admit(self, req: Request, budget: int, out: SchedulerOutput, prefills: PrefillCount) -> Admission:
         if req.swapped_upto:  # preempted with its KV kept: load it back
             return self._start_restore(req)
         if req.num_computed_tokens:  # its tier load landed, or it kept its blocks: it holds them already
-            return self._admit(req, req.num_computed_tokens, budget, out)
+            return self._admit(req, req.num_computed_tokens, budget, out, prefills)
         hit = self.kv_cache.find_prefix_hit(req.block_hashes, req.num_tokens)
         external, is_async = self._external_hit(req, hit.num_tokens)
         if external is None:
             return Admission.ASKING
         if external and is_async:
             return self._start_load(req, hit, external)
-        return self._admit(req, hit.num_tokens, budget, out, hit, external)
+        return self._admit(req, hit.num_tokens, budget, out, prefills, hit, external)
 
-    def _admit(self, req: Request, num_computed: int, budget: int, out: SchedulerOutput, hit=None,
-               external: int = 0) -> Admission:
-        """Into the running batch with a chunk of at most `budget`."""
+    def _admit(self, req: Request, num_computed: int, budget: int, out: SchedulerOutput, prefills: PrefillCount,
+               hit=None, external: int = 0) -> Admission:
+        """Into the running batch with a chunk of at most `budget` (and the long-prefill cap)."""
         computed = num_computed + external
-        num_new = min(req.num_tokens - computed, budget)
+        remaining = req.num_tokens - computed
+        num_new = prefills.chunk(remaining, budget)
+        if num_new == 0:
+            return Admission.DEFERRED
         if not self.kv_cache.allocate_slots(req.request_id, num_computed, num_new, hit, external):
             return Admission.SHORT
         self.waiting.popleft()
@@ -222,6 +287,7 @@ class Scheduler:
         self._run(req)
         self._admitted_now.add(req.request_id)
         out.scheduled.append(ScheduledChunk(req, num_new))
+        prefills.add(remaining, num_new)
         return Admission.ADMITTED
 
     def _start_load(self, req: Request, hit, external: int) -> Admission:
@@ -296,11 +362,8 @@ class Scheduler:
         if holders:
             wanted = self.kv_cache.pool.num_free_blocks + self.kv_cache.last_shortfall
             for r in reversed(holders):  # full blocks stay in the prefix cache
-                if r.swapped_upto:  # (its kept prefix and its swapped tail are not one copy: it recomputes)
-                    self._fall_back_to_recompute(r)
-                else:  # swapped out whole, or given back
-                    self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
-                    self._give_up_blocks(r, None)
+                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
+                self._give_up_blocks(r, None)  # swapped out whole (joining a swapped tail), or given back
                 if self.kv_cache.pool.num_free_blocks >= wanted:
                     break
             return False
@@ -413,8 +476,9 @@ class Scheduler:
 
     def _give_up_blocks(self, req: Request, blocks_wanted: int | None) -> None:
         """Swap mode gives up `blocks_wanted` blocks from the tail (None: all)
-        and has the connector keep the KV they held; recompute mode (or a
-        declined swap) gives up every block."""
+        and has the connector keep the KV they held (joined to a tail it kept
+        already, if any); recompute mode, or a declined swap, gives up every
+        block and recomputes."""
         rid, end = req.request_id, req.num_computed_tokens
         if self.swap and end:
             start = self.kv_cache.truncation_point(rid, blocks_wanted) if blocks_wanted else 0
@@ -424,10 +488,13 @@ class Scheduler:
             blocks = self.connector.swap_out(req, self.kv_cache.block_ids(rid), start, end)
             if blocks:
                 self.kv_cache.truncate(rid, start)
-                req.num_computed_tokens, req.swapped_upto = start, end
+                req.num_computed_tokens, req.swapped_upto = start, max(end, req.swapped_upto)
                 self.num_swapped_out_blocks_total += blocks
                 self._preempted_now.add(rid)  # its copy is made as this step starts: no swap-in before
                 return
+        if req.swapped_upto:  # its kept tail is no use without the prefix
+            self._fall_back_to_recompute(req)
+            return
         self.kv_cache.free(rid)
         req.num_computed_tokens = 0
 

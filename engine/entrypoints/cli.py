@@ -34,6 +34,9 @@ def _add_engine_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--model", help="alternative to the positional MODEL")
     serve.add_argument("--served-model-name", nargs="+", help="name(s) the API serves the model under")
     serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="dtype of the KV cache in the pool and every tier (auto: the model's dtype); "
+                            "16 bits halve its bytes")
     serve.add_argument("--seed", type=int)
     serve.add_argument("--max-model-len", type=int, help="context length (prompt + output) in tokens")
     serve.add_argument("--block-size", type=int, help="tokens per KV cache block")
@@ -48,6 +51,13 @@ def _add_engine_args(serve: argparse.ArgumentParser) -> None:
                             "tier (swap, the default when there is one) or recompute it")
     serve.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
                        help="fcfs (default), or priority: the request body's 'priority', lower first")
+    serve.add_argument("--long-prefill-token-threshold", type=int,
+                       help="a prefill with more tokens than this to go computes at most this many a step, "
+                            "after decodes and short prefills (0: off, the default)")
+    serve.add_argument("--max-num-partial-prefills", type=int,
+                       help="with a threshold: most prefills a step that do not complete in it (default 1)")
+    serve.add_argument("--max-long-partial-prefills", type=int,
+                       help="with a threshold: most long prefills a step (default 1)")
     serve.add_argument("--kv-transfer-config", metavar="JSON|@FILE",
                        help="vLLM-style KV connector config, inline JSON or @path/to/file.json")
     serve.add_argument("--kv-events-config", metavar="JSON",

@@ -17,7 +17,8 @@ def kv_page_bytes(cfg, groups: list[KVCacheGroup], block_size: int, dtype: torch
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache_manager: KVCacheManager, num_blocks: int, block_size: int):
+    def __init__(self, model: CausalLM, kv_cache_manager: KVCacheManager, num_blocks: int, block_size: int,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.model = model
         self.kv = kv_cache_manager
         self.groups = kv_cache_manager.groups
@@ -26,7 +27,8 @@ class ModelRunner:
         self.device = model.device
         # Allocated and touched once: first-touch page faults cost 20-50x a warm copy.
         self.kv_cache = torch.zeros(num_blocks, layers_per_page(self.groups), 2, block_size,
-                                    cfg.num_kv_heads, cfg.head_dim, dtype=model.dtype, device=self.device)
+                                    cfg.num_kv_heads, cfg.head_dim, dtype=kv_cache_dtype or model.dtype,
+                                    device=self.device)
         self.fused_attention = False  # the engine switches this on with the Triton path
         self.decode_kernel = None     # ... and this one with the CPU decode kernel
         self.layer_slots: list[tuple[int, int]] = [None] * cfg.num_layers

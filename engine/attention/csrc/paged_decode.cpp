@@ -4,6 +4,8 @@
 // copy per layer and then runs a masked SDPA; at 32 sequences that gather
 // alone costs as much as the layer's GEMMs. Here each (sequence, kv head) task
 // walks its block table and reads each key and value once, where it lies.
+// Long contexts are split further into key chunks so that one sequence keeps
+// every core busy.
 //
 // Pool layout: [num_blocks, layers_per_page, 2, block_size, kv_heads, head_dim].
 #include <torch/extension.h>
@@ -11,9 +13,36 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// Widening a cache element to float. The 16-bit forms are written so the
+// compiler vectorises them (c10's own conversions do not, and run 10x slower):
+// bf16 is the top half of a float; fp16 is rebuilt from its bits.
+inline float widen(float x) { return x; }
+inline float widen(double x) { return static_cast<float>(x); }
+inline float widen(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float widen(c10::Half x) {
+  // Branch-free (so it vectorises): the half's exponent and mantissa moved into
+  // float position, rebiased by 2^(127-15) (denormals come out exact); Inf/NaN
+  // keep an all-ones exponent.
+  const uint32_t h = x.x, em = h & 0x7fffu;
+  uint32_t bits = em << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  f *= 0x1p112f;
+  std::memcpy(&bits, &f, sizeof f);
+  bits = (em >= 0x7c00u ? (bits | 0x7f800000u) : bits) | ((h & 0x8000u) << 16);
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 
 // DIM > 0 fixes head_dim at compile time (fully unrolled, one horizontal sum);
 // DIM == 0 takes it from `d`.
@@ -22,7 +51,7 @@ inline float dot(const float* __restrict q, const T* __restrict k, int64_t d) {
   if constexpr (DIM > 0) d = DIM;
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += q[i] * static_cast<float>(k[i]);
+  for (int64_t i = 0; i < d; ++i) acc += q[i] * widen(k[i]);
   return acc;
 }
 
@@ -30,10 +59,16 @@ template <int DIM, typename T>
 inline void axpy(float* __restrict y, float a, const T* __restrict x, int64_t d) {
   if constexpr (DIM > 0) d = DIM;
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] += a * static_cast<float>(x[i]);
+  for (int64_t i = 0; i < d; ++i) y[i] += a * widen(x[i]);
 }
 
-template <int DIM, typename T>
+// Keys per task. A batch-1 decode over a long context is split into chunks
+// (flash-decoding), so every core has work; each chunk's partial softmax is
+// merged afterwards. Short contexts stay one chunk: nothing to merge.
+constexpr int64_t kChunk = 512;
+
+// TQ: the dtype of q and out (the model's); TKV: the cache's (--kv-cache-dtype).
+template <int DIM, typename TQ, typename TKV>
 void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t slot,
             const at::Tensor& rows, const at::Tensor& tables, const at::Tensor& seq_lens,
             const at::Tensor& first_pos, int64_t window, double scale) {
@@ -42,9 +77,9 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
   const int64_t BS = kv.size(3), KVH = kv.size(4);
   const int64_t G = H / KVH;
   const int64_t s_blk = kv.stride(0), s_v = kv.stride(2), s_tok = kv.stride(3), s_head = kv.stride(4);
-  const T* base = kv.data_ptr<T>() + slot * kv.stride(1);
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  const TKV* base = kv.data_ptr<TKV>() + slot * kv.stride(1);
+  const TQ* qp = q.data_ptr<TQ>();
+  TQ* op = out.data_ptr<TQ>();
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const int64_t o_row = out.stride(0), o_head = out.stride(1);
   const int64_t* row = rows.data_ptr<int64_t>();
@@ -53,28 +88,41 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
   const int64_t* firsts = first_pos.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
 
-  // One task per sequence: its pages are read front to back, each token row
-  // (all kv heads) once for K and once for V.
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(H * D), acc(H * D), scores, denom(H);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = lens[b], first = firsts[b];
-      // Keys run from `first` (the table's first block) to len - 1; a window
-      // trims the front further.
-      const int64_t start = window > 0 ? std::max(first, len - window) : first;
-      const int64_t n = len - start;
-      scores.resize(H * n);
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < D; ++i)
-          qf[h * D + i] = static_cast<float>(qp[row[b] * q_row + h * q_head + i]) * sc;
+  // Keys run from `first` (the table's first block) to len - 1; a window
+  // trims the front further. Tasks are (sequence, kv head, chunk).
+  std::vector<int64_t> start(B), chunks(B), task_base(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    start[b] = window > 0 ? std::max(firsts[b], lens[b] - window) : firsts[b];
+    chunks[b] = (lens[b] - start[b] + kChunk - 1) / kChunk;
+    task_base[b + 1] = task_base[b] + KVH * chunks[b];
+  }
+  const int64_t tasks = task_base[B];
+  // Per task and query head of its group: running max, denominator, and the
+  // unnormalised output row.
+  std::vector<float> part_m(tasks * G), part_l(tasks * G), part_acc(tasks * G * D);
 
-      for (int64_t p = start; p < len; ++p) {
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), scores(G * kChunk);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = std::upper_bound(task_base.begin(), task_base.end(), t) - task_base.begin() - 1;
+      const int64_t local = t - task_base[b];
+      const int64_t kvh = local / chunks[b], chunk = local % chunks[b];
+      const int64_t lo = start[b] + chunk * kChunk, hi = std::min(lens[b], lo + kChunk), n = hi - lo;
+      const int64_t first = firsts[b];
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i)
+          qf[g * D + i] = widen(qp[row[b] * q_row + (kvh * G + g) * q_head + i]) * sc;
+
+      for (int64_t p = lo; p < hi; ++p) {
         const int64_t rel = p - first;
-        const T* k = base + tab[b * W + rel / BS] * s_blk + (rel % BS) * s_tok;
-        for (int64_t h = 0; h < H; ++h) scores[h * n + (p - start)] = dot<DIM>(qf.data() + h * D, k + (h / G) * s_head, D);
+        const TKV* k = base + tab[b * W + rel / BS] * s_blk + (rel % BS) * s_tok + kvh * s_head;
+        for (int64_t g = 0; g < G; ++g) scores[g * kChunk + (p - lo)] = dot<DIM>(qf.data() + g * D, k, D);
       }
-      for (int64_t h = 0; h < H; ++h) {
-        float* s = scores.data() + h * n;
+      float* m_out = part_m.data() + t * G;
+      float* l_out = part_l.data() + t * G;
+      float* acc = part_acc.data() + t * G * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * kChunk;
         float m = s[0];
         for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
         float sum = 0.f;
@@ -83,21 +131,53 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
           s[i] = std::exp(s[i] - m);
           sum += s[i];
         }
-        denom[h] = sum;
+        m_out[g] = m;
+        l_out[g] = sum;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = start; p < len; ++p) {
+      std::fill(acc, acc + G * D, 0.f);
+      for (int64_t p = lo; p < hi; ++p) {
         const int64_t rel = p - first;
-        const T* v = base + tab[b * W + rel / BS] * s_blk + s_v + (rel % BS) * s_tok;
-        for (int64_t h = 0; h < H; ++h) axpy<DIM>(acc.data() + h * D, scores[h * n + (p - start)], v + (h / G) * s_head, D);
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        T* o = op + row[b] * o_row + h * o_head;
-        const float inv = 1.f / denom[h];
-        for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[h * D + i] * inv);
+        const TKV* v = base + tab[b * W + rel / BS] * s_blk + s_v + (rel % BS) * s_tok + kvh * s_head;
+        for (int64_t g = 0; g < G; ++g) axpy<DIM>(acc + g * D, scores[g * kChunk + (p - lo)], v, D);
       }
     }
   });
+
+  // Merge each (sequence, kv head)'s chunks: rescale to the common max.
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / KVH, kvh = bh % KVH;
+      const int64_t t0 = task_base[b] + kvh * chunks[b];
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -INFINITY;
+        for (int64_t c = 0; c < chunks[b]; ++c) m = std::max(m, part_m[(t0 + c) * G + g]);
+        float denom = 0.f;
+        std::fill(o.begin(), o.end(), 0.f);
+        for (int64_t c = 0; c < chunks[b]; ++c) {
+          const int64_t t = t0 + c;
+          const float w = std::exp(part_m[t * G + g] - m);
+          denom += w * part_l[t * G + g];
+          const float* a = part_acc.data() + (t * G + g) * D;
+          for (int64_t i = 0; i < D; ++i) o[i] += w * a[i];
+        }
+        TQ* dst = op + row[b] * o_row + (kvh * G + g) * o_head;
+        const float inv = 1.f / denom;
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<TQ>(o[i] * inv);
+      }
+    }
+  });
+}
+
+template <typename TQ, typename TKV>
+void decode_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t slot,
+                const at::Tensor& rows, const at::Tensor& tables, const at::Tensor& seq_lens,
+                const at::Tensor& first_pos, int64_t window, double scale) {
+  switch (q.size(2)) {
+    case 64: decode<64, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+    case 128: decode<128, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+    default: decode<0, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale);
+  }
 }
 
 }  // namespace
@@ -111,8 +191,10 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
                             at::Tensor first_pos, int64_t window, double scale) {
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q/out head_dim must be contiguous");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "q, out and kv_cache must share a dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "q and out must share a dtype");
+  TORCH_CHECK(kv_cache.scalar_type() == q.scalar_type() || kv_cache.scalar_type() == at::kHalf ||
+                  kv_cache.scalar_type() == at::kBFloat16,
+              "kv_cache must be q's dtype, float16 or bfloat16");
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && kv_cache.dim() == 6, "q/out [T, H, D], kv_cache 6-d");
   TORCH_CHECK(kv_cache.size(5) == q.size(2), "head_dim differs between q and kv_cache");
@@ -138,10 +220,11 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
     }
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
-    switch (q.size(2)) {
-      case 64: decode<64, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-      case 128: decode<128, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-      default: decode<0, scalar_t>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale);
+    using TQ = scalar_t;
+    switch (kv_cache.scalar_type()) {
+      case at::kHalf: decode_dim<TQ, c10::Half>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+      case at::kBFloat16: decode_dim<TQ, c10::BFloat16>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
+      default: decode_dim<TQ, TQ>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale);
     }
   });
 }
