@@ -34,6 +34,12 @@ import servers  # noqa: E402
 SHAPES = ("default", "qwen2-hybrid", "mistral-all-sliding")
 
 
+def rss_mib() -> int:
+    """Resident memory now: a long run must stay flat."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
 def load_shapes(names: list[str], scratch: Path):
     from kvtier.engine.model.loader import load_model
 
@@ -90,18 +96,19 @@ def main() -> int:
                       f"({summary['requests']} requests, faults {summary['faults']}, "
                       f"{summary['mode']}, {summary['preemptions']} preemptions "
                       f"({summary['swapped_out_blocks']} blocks swapped), {summary['failed_loads']} failed loads, "
-                      f"{summary['cached_tokens']} cached, tier hits {summary['tier_hit_tokens']})", flush=True)
+                      f"{summary['cached_tokens']} cached, tier hits {summary['tier_hit_tokens']}, "
+                      f"near ties at {summary['near_ties']}, rss {rss_mib()} MiB)",
+                      flush=True)
             except Exception as error:  # a failure, or a bug in the harness: both are reported
                 failed[(shape, tier)] += 1
                 detail = str(error) if isinstance(error, fuzz_reuse.FuzzFailure) else traceback.format_exc()
                 failures.append({"seed": seed, "shape": shape, "tier": tier, "error": detail})
                 print(f"seed {seed} {shape} {tier}: FAILED\n{detail}", flush=True)
-            for shape_cache in caches.values():  # bound the reference cache
+            for shape_cache in caches.values():  # bound the reference cache (its engines stay)
                 if len(shape_cache) > 5000:
-                    engine = shape_cache.pop("engine", None)
+                    engines = shape_cache.pop("engines", {})
                     shape_cache.clear()
-                    if engine:
-                        shape_cache["engine"] = engine
+                    shape_cache["engines"] = engines
     total_clean, total = sum(clean.values()), sum(clean.values()) + sum(failed.values())
     print(f"\n{total_clean} of {total} seeds ran clean in {time.monotonic() - started:.0f} s")
     for shape in args.shapes:
