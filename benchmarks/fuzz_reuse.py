@@ -29,6 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/ is not a package
 import torch  # noqa: E402
 
 import fuzz_reuse  # noqa: E402
+from benchmarks.common import return_freed_memory  # noqa: E402
 import servers  # noqa: E402
 
 SHAPES = ("default", "qwen2-hybrid", "mistral-all-sliding")
@@ -104,6 +105,7 @@ def main() -> int:
                 detail = str(error) if isinstance(error, fuzz_reuse.FuzzFailure) else traceback.format_exc()
                 failures.append({"seed": seed, "shape": shape, "tier": tier, "error": detail})
                 print(f"seed {seed} {shape} {tier}: FAILED\n{detail}", flush=True)
+            return_freed_memory()  # each seed's pools and tiers: glibc keeps their arenas otherwise
             for shape_cache in caches.values():  # bound the reference cache (its engines stay)
                 if len(shape_cache) > 5000:
                     engines = shape_cache.pop("engines", {})
