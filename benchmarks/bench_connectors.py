@@ -79,7 +79,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/servers.py; tests/ is n
 
 import torch  # noqa: E402
 
-from benchmarks.common import emit_json, median, percentile, print_table  # noqa: E402
+from benchmarks.common import emit_json, median, percentile, print_table, ttft_boxes  # noqa: E402
 from kvtier.engine.config import EngineConfig  # noqa: E402
 from kvtier.engine.core.sampling_params import SamplingParams  # noqa: E402
 from kvtier.engine.entrypoints.llm import LLM  # noqa: E402
@@ -300,7 +300,7 @@ class ChatRun:
         return {"mean_ttft_s": sum(self.ttfts) / len(self.ttfts), "p90_ttft_s": percentile(self.ttfts, 90),
                 "followup_mean_ttft_s": sum(self.followup_ttfts) / max(1, len(self.followup_ttfts)),
                 "median_ttft_s": median(self.ttfts), "total_s": self.busy_s, "store_wait_s": self.store_wait_s,
-                "requests": len(self.ttfts), "prompt_tokens": self.prompt_tokens,
+                "requests": len(self.ttfts), "prompt_tokens": self.prompt_tokens, "ttfts": self.ttfts,
                 "cached_tokens": self.cached_tokens, "cached_fraction": self.cached_tokens / self.prompt_tokens,
                 "tier_mb_out": {t: (after[t]["bytes_out"] - self.tiers_before[t]["bytes_out"]) / 1e6 for t in after},
                 "tier_mb_in": {t: (after[t]["bytes_in"] - self.tiers_before[t]["bytes_in"]) / 1e6 for t in after}}
@@ -377,6 +377,7 @@ def main() -> None:
     ap.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS), help="TTFT: the tiers to measure")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-chat", action="store_true")
+    ap.add_argument("--out", default=None, help="write bench_connectors.json and .png here")
     args = ap.parse_args()
     print("$ python -m benchmarks.bench_connectors " + " ".join(sys.argv[1:]), flush=True)
     args.lengths = [2048] if args.quick else [2048, 4096]
@@ -449,7 +450,34 @@ def main() -> None:
         "chat_targets": {name: {"ratio": r["mean_ttft_s"] / chat["no connector"]["mean_ttft_s"], "target": CHAT_TARGET}
                          for name, r in chat.items() if name != "no connector"} if chat else {},
         "threads": torch.get_num_threads(), "loadavg_start": load_start[0], "loadavg_end": load_end[0],
-        "wall_s": elapsed})
+        "wall_s": elapsed}, args.out, draw)
+
+
+def draw(payload: dict, plt):
+    """TTFT per tier against cold, per prompt length; the chat's TTFT distributions."""
+    panels = [p for p in ("ttft", "chat") if payload[p]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, layout="constrained")
+    for ax, panel in zip(axes[0], panels):
+        if panel == "ttft":
+            rows = payload["ttft"]
+            lengths = sorted({r["prompt_tokens"] for r in rows})
+            tiers = list(dict.fromkeys(r["tier"] for r in rows))
+            bars = {"cold": [median([r["cold_s"] for r in rows if r["prompt_tokens"] == n]) for n in lengths]}
+            for tier in tiers:
+                bars[tier] = [next((r["hit_s"] for r in rows if r["tier"] == tier and r["prompt_tokens"] == n),
+                                   float("nan")) for n in lengths]
+            width = 0.8 / len(bars)
+            for i, (name, ys) in enumerate(bars.items()):
+                ax.bar([x + i * width for x in range(len(lengths))], ys, width, label=name)
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(lengths))], [f"{n} tokens" for n in lengths])
+            ax.set_yscale("log")
+            ax.set_ylabel("TTFT (s, log scale)")
+            ax.set_title(f"KV from each tier vs cold (offload block {payload['args']['offload_block'] or 256})")
+            ax.legend(fontsize=8)
+        else:
+            ttft_boxes(ax, {name: r["ttfts"] for name, r in payload["chat"].items()},
+                       f"multi-turn chat, {payload['chat_setup']['clients']} user(s) at once: TTFT")
+    return fig
 
 
 if __name__ == "__main__":

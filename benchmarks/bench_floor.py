@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--kv-dtypes", nargs="+", default=["auto", "float16"],
                     choices=["auto", "float32", "float16", "bfloat16"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write bench_floor.json and .png here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +155,24 @@ def main() -> None:
                   r["decode_vs_floor"], r["device_hit_s"] * 1e3, r["device_hit_vs_decode"], r["cpu_hit_s"] * 1e3,
                   r["cpu_hit_vs_floor"], r["cold_s"] * 1e3] for r in rows])
     print("\ntargets: CPU hit <= 1.5x floor, decode <= 1.5x floor, device hit <= 1.2x decode")
-    emit_json("bench_floor", {"rows": rows, "threads": torch.get_num_threads()})
+    emit_json("bench_floor", {"rows": rows, "threads": torch.get_num_threads()}, args.out, draw)
+
+
+def draw(payload: dict, plt):
+    """Per kv dtype: each measured time beside the floor it is held to."""
+    pairs = [("decode step", "decode_step_s", "decode_floor_s"), ("CPU-tier hit", "cpu_hit_s", "cpu_hit_floor_s"),
+             ("device hit", "device_hit_s", "decode_step_s")]
+    fig, axes = plt.subplots(1, len(payload["rows"]), figsize=(5.5 * len(payload["rows"]), 4), squeeze=False, layout="constrained")
+    for ax, row in zip(axes[0], payload["rows"]):
+        xs = range(len(pairs))
+        ax.bar([x - 0.2 for x in xs], [row[m] * 1e3 for _, m, _ in pairs], 0.4, label="measured")
+        ax.bar([x + 0.2 for x in xs], [row[f] * 1e3 for _, _, f in pairs], 0.4,
+               label="floor (device hit: one decode step)")
+        ax.set_xticks(list(xs), [name for name, _, _ in pairs])
+        ax.set_ylabel("ms")
+        ax.set_title(f"{row['tokens']} tokens, kv {row['kv_cache_dtype']}, {payload['threads']} threads")
+        ax.legend(fontsize=8)
+    return fig
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import statistics
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -28,8 +29,43 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
-def emit_json(name: str, payload: dict) -> None:
-    print(f"\nJSON {name}: " + json.dumps(payload, sort_keys=True))
+def emit_json(name: str, payload: dict, out_dir: str | None = None, draw=None) -> None:
+    """Print the results as one JSON line; with `out_dir`, also write
+    <out_dir>/<name>.json and, when `draw(payload, plt)` is given and
+    matplotlib (the `plots` extra) is installed, <out_dir>/<name>.png beside it."""
+    text = json.dumps(payload, sort_keys=True)
+    print(f"\nJSON {name}: " + text)
+    if out_dir is None:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(text + "\n")
+    print(f"wrote {out / f'{name}.json'}")
+    if draw is None:
+        return
+    try:
+        import matplotlib
+    except ImportError:
+        print("no PNG: matplotlib is not installed (pip install 'kvtier[plots]')")
+        return
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    fig = draw(payload, plt)
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out / f'{name}.png'}")
+
+
+def ttft_boxes(ax, runs: dict[str, list[float]], title: str) -> None:
+    """One box (and the points) per configuration: a TTFT distribution."""
+    names = list(runs)
+    ax.boxplot([runs[n] for n in names], showfliers=False)
+    for i, n in enumerate(names, start=1):
+        ax.plot([i] * len(runs[n]), runs[n], ".", alpha=0.4, color="tab:blue")
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("TTFT (s, log scale)")
+    ax.set_title(title)
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -28,8 +28,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/ is not a package
 
 import torch  # noqa: E402
 
-import fuzz_reuse  # noqa: E402
 from benchmarks.common import return_freed_memory  # noqa: E402
+
+import fuzz_reuse  # noqa: E402
 import servers  # noqa: E402
 
 SHAPES = ("default", "qwen2-hybrid", "mistral-all-sliding")

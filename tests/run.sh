@@ -13,7 +13,7 @@ fi
 python -m pip install -q torch==2.13.0
 # Versions known to resolve together: pip's resolver otherwise backtracks for
 # many minutes over the boto3/botocore/aiobotocore/s3fs pins.
-python -m pip install -q -c tests/constraints.txt -e '.[test]'
+python -m pip install -q -c tests/constraints.txt -e '.[test,plots]'
 # The Triton kernel is checked under TRITON_INTERPRET=1; its tests skip (with the
 # reason) only if triton cannot be installed here.
 python -m pip install -q 'triton>=3.0' || echo "triton could not be installed: its tests will be skipped"
