@@ -20,33 +20,40 @@ kernel = cpu_kernel.load()
 needs_kernel = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
 
 
-def reference(q, kv, slot, rows, tables, lens, firsts, window, scale):
-    """Per sequence: gather its keys by position, softmax(q k^T) v in float64."""
+def reference(q, kv, slot, rows, nqs, tables, lens, firsts, window, scale):
+    """Per query row: gather the keys it sees by position, softmax(q k^T) v in float64."""
     out = torch.full_like(q, float("nan"), dtype=torch.float64)
     kvh = kv.shape[4]
     for b in range(len(rows)):
-        start = max(firsts[b], lens[b] - window) if window else firsts[b]
-        pos = torch.arange(start, lens[b])
-        blk = torch.tensor(tables[b])[(pos - firsts[b]) // BS]
-        off = (pos - firsts[b]) % BS
-        k = kv[blk, slot, 0, off].double()            # [n, kvh, d]
-        v = kv[blk, slot, 1, off].double()
-        qb = q[rows[b]].double().view(kvh, -1, q.shape[-1])  # [kvh, g, d]
-        s = torch.einsum("hgd,nhd->hgn", qb, k) * scale
-        o = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v)
-        out[rows[b]] = o.reshape(-1, q.shape[-1])
+        for r in range(nqs[b]):
+            at = lens[b] - nqs[b] + r  # this row's own position: it sees keys up to it
+            start = max(firsts[b], at - window + 1) if window else firsts[b]
+            pos = torch.arange(start, at + 1)
+            blk = torch.tensor(tables[b])[(pos - firsts[b]) // BS]
+            off = (pos - firsts[b]) % BS
+            k = kv[blk, slot, 0, off].double()            # [n, kvh, d]
+            v = kv[blk, slot, 1, off].double()
+            qb = q[rows[b] + r].double().view(kvh, -1, q.shape[-1])  # [kvh, g, d]
+            s = torch.einsum("hgd,nhd->hgn", qb, k) * scale
+            o = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v)
+            out[rows[b] + r] = o.reshape(-1, q.shape[-1])
     return out
 
 
 CASES = {
-    # (lens, firsts (multiples of BS), heads, kv heads, head_dim, window)
-    "gqa": ([17, 40, 1, 63, 300], [0, 0, 0, 0, 0], 9, 3, 64, 0),
-    "mha": ([5, 33, 16], [0, 0, 0], 4, 4, 32, 0),
-    "window_trimmed_table": ([50, 45, 10, 200], [16, 16, 0, 176], 9, 3, 64, 20),
-    "window_full_table": ([50, 45, 10], [0, 0, 0], 9, 3, 64, 20),
+    # (lens, firsts (multiples of BS), heads, kv heads, head_dim, window, query rows each (None: 1, decodes))
+    "gqa": ([17, 40, 1, 63, 300], [0, 0, 0, 0, 0], 9, 3, 64, 0, None),
+    "mha": ([5, 33, 16], [0, 0, 0], 4, 4, 32, 0, None),
+    "window_trimmed_table": ([50, 45, 10, 200], [16, 16, 0, 176], 9, 3, 64, 20, None),
+    "window_full_table": ([50, 45, 10], [0, 0, 0], 9, 3, 64, 20, None),
     # Past the kernel's 512-key chunk: one sequence split across tasks, merged after.
-    "long_split": ([1300, 2049, 512, 513], [0, 0, 0, 0], 9, 3, 64, 0),
-    "long_window": ([1800, 700], [560, 0], 9, 3, 64, 1100),
+    "long_split": ([1300, 2049, 512, 513], [0, 0, 0, 0], 9, 3, 64, 0, None),
+    "long_window": ([1800, 700], [560, 0], 9, 3, 64, 1100, None),
+    # Short prefill chunks beside decodes: causal among their own rows; the
+    # 1300-key one has rows on both sides of a chunk edge (1024); the 20-row
+    # one is a whole prompt from position 0.
+    "short_chunks": ([40, 300, 1300, 20, 77], [0, 0, 0, 0, 0], 9, 3, 64, 0, [16, 5, 32, 20, 1]),
+    "short_chunks_window": ([50, 200, 530], [16, 160, 0], 9, 3, 64, 20, [8, 16, 30]),
 }
 # (q and out, cache): the model's dtype, and a 16-bit cache under a float32 model.
 DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
@@ -57,7 +64,8 @@ DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.
 @pytest.mark.parametrize("dtypes", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_reference(case, dtypes):
-    lens, firsts, h, kvh, d, window = CASES[case]
+    lens, firsts, h, kvh, d, window, nqs = CASES[case]
+    nqs = nqs or [1] * len(lens)
     dtype, kv_dtype = DTYPES[dtypes]
     gen = torch.Generator().manual_seed(0)
     nblocks = [math.ceil((n - f) / BS) for n, f in zip(lens, firsts)]
@@ -75,19 +83,23 @@ def test_kernel_matches_reference(case, dtypes):
         tables.append(table)
     width = max(nblocks)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    # Decode rows interleaved with rows the kernel must leave alone.
-    t_rows = 2 * len(lens) + 1
-    rows = torch.arange(1, t_rows, 2)
+    # Each sequence's rows, with a row the kernel must leave alone before each.
+    starts, t_rows = [], 1
+    for nq in nqs:
+        starts.append(t_rows)
+        t_rows += nq + 1
+    rows = torch.tensor(starts)
     q = torch.randn(t_rows, h, d, generator=gen).to(dtype)
     out = torch.full_like(q, 7.0)
     scale = d ** -0.5
-    kernel.paged_decode_attention(out, q, kv, 1, rows, padded, torch.tensor(lens), torch.tensor(firsts),
-                                  window, scale)
-    want = reference(q, kv, 1, rows.tolist(), tables, lens, firsts, window, scale)
+    kernel.paged_decode_attention(out, q, kv, 1, rows, torch.tensor(nqs), padded, torch.tensor(lens),
+                                  torch.tensor(firsts), window, scale)
+    want = reference(q, kv, 1, starts, nqs, tables, lens, firsts, window, scale)
+    mine = torch.tensor([s + r for s, nq in zip(starts, nqs) for r in range(nq)])
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # the reference reads the same rounded cache
-    torch.testing.assert_close(out[rows].double(), want[rows], atol=tol, rtol=tol)
+    torch.testing.assert_close(out[mine].double(), want[mine], atol=tol, rtol=tol)
     untouched = torch.ones(t_rows, dtype=torch.bool)
-    untouched[rows] = False
+    untouched[mine] = False
     assert (out[untouched] == 7.0).all()
 
 
@@ -109,11 +121,12 @@ def test_unknown_attention_choice_is_rejected(monkeypatch, default_model):
 
 
 @needs_kernel
-@pytest.mark.parametrize("bad", ["first_past_len", "table_too_short", "block_out_of_range", "slot"])
+@pytest.mark.parametrize("bad", ["first_past_len", "table_too_short", "block_out_of_range", "slot",
+                                 "rows_past_q", "first_past_earliest_query"])
 def test_kernel_refuses_indices_that_would_read_outside_the_pool(bad):
     kv = torch.zeros(4, 2, 2, BS, 1, 8)
     q, out = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
-    rows, lens, firsts = torch.tensor([0]), torch.tensor([20]), torch.tensor([0])
+    rows, nq, lens, firsts = torch.tensor([0]), torch.tensor([1]), torch.tensor([20]), torch.tensor([0])
     tables, slot = torch.tensor([[1, 2]]), 0
     if bad == "first_past_len":
         firsts = torch.tensor([32])
@@ -121,7 +134,11 @@ def test_kernel_refuses_indices_that_would_read_outside_the_pool(bad):
         tables = torch.tensor([[1]])
     elif bad == "block_out_of_range":
         tables = torch.tensor([[1, 9]])
+    elif bad == "rows_past_q":
+        nq = torch.tensor([2])  # a second query row that q does not have
+    elif bad == "first_past_earliest_query":
+        q, out, nq, firsts = torch.zeros(8, 2, 8), torch.zeros(8, 2, 8), torch.tensor([8]), torch.tensor([16])
     else:
         slot = 2
     with pytest.raises(RuntimeError):
-        kernel.paged_decode_attention(out, q, kv, slot, rows, tables, lens, firsts, 0, 1.0)
+        kernel.paged_decode_attention(out, q, kv, slot, rows, nq, tables, lens, firsts, 0, 1.0)

@@ -29,11 +29,13 @@ class GroupAttention:
     slot_blocks: torch.Tensor          # [T] where each new token's K/V goes
     slot_offsets: torch.Tensor         # [T]
     decode_tokens: torch.Tensor | None = None        # [B] rows of q that are single-token decodes
+    # (with the CPU kernel: each sequence's first row, and it has decode_num_queries[b] of them)
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks]
     decode_mask: torch.Tensor | None = None          # [B, 1, 1, L] bool, None when B == 1 and no window
     # With the CPU decode kernel: no padding mask, each row's key range instead.
     decode_kernel: object | None = None
-    decode_seq_lens: torch.Tensor | None = None      # [B] keys up to and including the new token
+    decode_num_queries: torch.Tensor | None = None   # [B] new tokens: 1 for a decode, more for a short chunk
+    decode_seq_lens: torch.Tensor | None = None      # [B] keys up to and including the last new token
     decode_first_pos: torch.Tensor | None = None     # [B] key position of the table's first block
     prefills: list[PrefillSeq] = field(default_factory=list)
     # Arguments for the fused kernel path (CUDA).
@@ -67,7 +69,8 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, slot: int, me
     kvh, d = kv_cache.shape[-2], kv_cache.shape[-1]
     if meta.decode_kernel is not None:
         meta.decode_kernel.paged_decode_attention(
-            out, q, kv_cache, slot, meta.decode_tokens, meta.decode_block_tables, meta.decode_seq_lens,
+            out, q, kv_cache, slot, meta.decode_tokens, meta.decode_num_queries, meta.decode_block_tables,
+            meta.decode_seq_lens,
             meta.decode_first_pos, meta.sliding_window or 0, scale)
     elif meta.decode_tokens is not None:
         bt = meta.decode_block_tables

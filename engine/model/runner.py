@@ -10,6 +10,10 @@ from kvtier.engine.core.scheduler import SchedulerOutput
 from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.sampler import sample
 
+# Prefill chunks up to this many tokens go to the CPU kernel with the decodes;
+# longer ones are GEMM-shaped, and SDPA over a gathered context wins.
+KERNEL_MAX_QUERIES = 32
+
 
 def kv_page_bytes(cfg, groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
@@ -52,12 +56,15 @@ class ModelRunner:
         if self.fused_attention:
             return self._fused_metadata(meta, sched, tables)
 
-        # With the CPU kernel every decode goes to it. Without, two or more decodes
-        # run as one padded batch; a lone decode takes the per-sequence path,
-        # which needs no padding mask.
+        # With the CPU kernel every decode goes to it, and so does every short
+        # prefill chunk (the tail of a prefix hit): it reads the pages in place
+        # where SDPA would first gather the whole context. Without it, two or
+        # more decodes run as one padded batch; a lone decode takes the
+        # per-sequence path, which needs no padding mask.
         kernel = self.decode_kernel
         batch_decodes = kernel is not None or sum(1 for s in sched.scheduled if s.num_new_tokens == 1) >= 2
-        decode_rows, decode_tables, decode_firsts, decode_lens = [], [], [], []
+        most = KERNEL_MAX_QUERIES if kernel is not None else 1
+        decode_rows, decode_nq, decode_tables, decode_firsts, decode_lens = [], [], [], [], []
         q_start = 0
         for i, (s, table) in enumerate(zip(sched.scheduled, tables)):
             c, n = s.request.num_computed_tokens, s.num_new_tokens
@@ -65,8 +72,9 @@ class ModelRunner:
             nblk = -(-seq_len // bs)
             # A sliding window reads only from the first block its earliest query can see.
             first = max(0, c - window + 1) // bs if window is not None else 0
-            if n == 1 and batch_decodes:
+            if n <= most and batch_decodes:
                 decode_rows.append(q_start)
+                decode_nq.append(n)
                 decode_tables.append(table[first:nblk])
                 decode_firsts.append(first * bs)
                 decode_lens.append(seq_len)
@@ -88,6 +96,7 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
             if kernel is not None:
                 meta.decode_kernel = kernel
+                meta.decode_num_queries = torch.tensor(decode_nq, dtype=torch.long, device=self.device)
                 meta.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.long, device=self.device)
                 meta.decode_first_pos = torch.tensor(decode_firsts, dtype=torch.long, device=self.device)
                 return meta

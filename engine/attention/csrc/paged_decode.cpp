@@ -1,4 +1,5 @@
-// Decode attention over the paged KV pool, on the CPU, reading K/V pages in place.
+// Decode attention (and short prefill chunks) over the paged KV pool, on the
+// CPU, reading K/V pages in place.
 //
 // The torch path gathers every sequence's pages into a padded [B, L, kvh, d]
 // copy per layer and then runs a masked SDPA; at 32 sequences that gather
@@ -67,11 +68,19 @@ inline void axpy(float* __restrict y, float a, const T* __restrict x, int64_t d)
 // merged afterwards. Short contexts stay one chunk: nothing to merge.
 constexpr int64_t kChunk = 512;
 
+// The score of a key a query does not see. Finite: the build uses
+// -ffast-math, under which the compiler may assume no value is infinite.
+constexpr float kUnseen = -1e30f;
+
 // TQ: the dtype of q and out (the model's); TKV: the cache's (--kv-cache-dtype).
+// Sequence b has nq[b] query rows, rows[b] .. rows[b] + nq[b] - 1, the last at
+// key position lens[b] - 1 (a decode is one row; a short prefill chunk, such
+// as the tail of a prefix hit, several): causal within them, all reading each
+// key once per task.
 template <int DIM, typename TQ, typename TKV>
 void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t slot,
-            const at::Tensor& rows, const at::Tensor& tables, const at::Tensor& seq_lens,
-            const at::Tensor& first_pos, int64_t window, double scale) {
+            const at::Tensor& rows, const at::Tensor& num_queries, const at::Tensor& tables,
+            const at::Tensor& seq_lens, const at::Tensor& first_pos, int64_t window, double scale) {
   const int64_t B = tables.size(0), W = tables.size(1);
   const int64_t H = q.size(1), D = q.size(2);
   const int64_t BS = kv.size(3), KVH = kv.size(4);
@@ -83,85 +92,108 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
   const int64_t q_row = q.stride(0), q_head = q.stride(1);
   const int64_t o_row = out.stride(0), o_head = out.stride(1);
   const int64_t* row = rows.data_ptr<int64_t>();
+  const int64_t* nqs = num_queries.data_ptr<int64_t>();
   const int64_t* tab = tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* firsts = first_pos.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
 
   // Keys run from `first` (the table's first block) to len - 1; a window
-  // trims the front further. Tasks are (sequence, kv head, chunk).
-  std::vector<int64_t> start(B), chunks(B), task_base(B + 1, 0);
+  // trims the front to what the earliest query sees. Tasks are (sequence,
+  // kv head, chunk); a task's partial results are per (query row, head).
+  std::vector<int64_t> start(B), chunks(B), task_base(B + 1, 0), part_base(B + 1, 0);
+  int64_t max_nq = 1;
   for (int64_t b = 0; b < B; ++b) {
-    start[b] = window > 0 ? std::max(firsts[b], lens[b] - window) : firsts[b];
+    const int64_t earliest = lens[b] - nqs[b];
+    start[b] = window > 0 ? std::max(firsts[b], earliest - window + 1) : firsts[b];
     chunks[b] = (lens[b] - start[b] + kChunk - 1) / kChunk;
     task_base[b + 1] = task_base[b] + KVH * chunks[b];
+    part_base[b + 1] = part_base[b] + KVH * chunks[b] * nqs[b] * G;
+    max_nq = std::max(max_nq, nqs[b]);
   }
   const int64_t tasks = task_base[B];
-  // Per task and query head of its group: running max, denominator, and the
-  // unnormalised output row.
-  std::vector<float> part_m(tasks * G), part_l(tasks * G), part_acc(tasks * G * D);
+  // Per task, query row and head of its group: running max, denominator, and
+  // the unnormalised output row.
+  std::vector<float> part_m(part_base[B]), part_l(part_base[B]), part_acc(part_base[B] * D);
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), scores(G * kChunk);
+    std::vector<float> qf(max_nq * G * D), scores(max_nq * G * kChunk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = std::upper_bound(task_base.begin(), task_base.end(), t) - task_base.begin() - 1;
       const int64_t local = t - task_base[b];
       const int64_t kvh = local / chunks[b], chunk = local % chunks[b];
       const int64_t lo = start[b] + chunk * kChunk, hi = std::min(lens[b], lo + kChunk), n = hi - lo;
-      const int64_t first = firsts[b];
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i)
-          qf[g * D + i] = widen(qp[row[b] * q_row + (kvh * G + g) * q_head + i]) * sc;
+      const int64_t first = firsts[b], nq = nqs[b], pos0 = lens[b] - nq;
+      const int64_t QG = nq * G;  // query vectors in this task: row-major, then head
+      for (int64_t r = 0; r < nq; ++r)
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < D; ++i)
+            qf[(r * G + g) * D + i] = widen(qp[(row[b] + r) * q_row + (kvh * G + g) * q_head + i]) * sc;
 
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t rel = p - first;
         const TKV* k = base + tab[b * W + rel / BS] * s_blk + (rel % BS) * s_tok + kvh * s_head;
-        for (int64_t g = 0; g < G; ++g) scores[g * kChunk + (p - lo)] = dot<DIM>(qf.data() + g * D, k, D);
-      }
-      float* m_out = part_m.data() + t * G;
-      float* l_out = part_l.data() + t * G;
-      float* acc = part_acc.data() + t * G * D;
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * kChunk;
-        float m = s[0];
-        for (int64_t i = 1; i < n; ++i) m = std::max(m, s[i]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = std::exp(s[i] - m);
-          sum += s[i];
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t pos = pos0 + r;
+          const bool seen = p <= pos && (window <= 0 || p > pos - window);
+          for (int64_t g = 0; g < G; ++g)
+            scores[(r * G + g) * kChunk + (p - lo)] = seen ? dot<DIM>(qf.data() + (r * G + g) * D, k, D) : kUnseen;
         }
-        m_out[g] = m;
-        l_out[g] = sum;
       }
-      std::fill(acc, acc + G * D, 0.f);
+      const int64_t pt = part_base[b] + (kvh * chunks[b] + chunk) * QG;
+      float* m_out = part_m.data() + pt;
+      float* l_out = part_l.data() + pt;
+      float* acc = part_acc.data() + pt * D;
+      for (int64_t qg = 0; qg < QG; ++qg) {
+        float* s = scores.data() + qg * kChunk;
+        float m = kUnseen;
+        for (int64_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+        float sum = 0.f;
+        if (m > kUnseen) {  // else this row sees no key of the chunk: it adds nothing
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = 0; i < n; ++i) {
+            s[i] = std::exp(s[i] - m);
+            sum += s[i];
+          }
+        }
+        m_out[qg] = m;
+        l_out[qg] = sum;
+      }
+      std::fill(acc, acc + QG * D, 0.f);
       for (int64_t p = lo; p < hi; ++p) {
         const int64_t rel = p - first;
         const TKV* v = base + tab[b * W + rel / BS] * s_blk + s_v + (rel % BS) * s_tok + kvh * s_head;
-        for (int64_t g = 0; g < G; ++g) axpy<DIM>(acc + g * D, scores[g * kChunk + (p - lo)], v, D);
+        for (int64_t qg = 0; qg < QG; ++qg) {
+          if (!(m_out[qg] > kUnseen)) continue;
+          const float w = scores[qg * kChunk + (p - lo)];
+          if (w != 0.f) axpy<DIM>(acc + qg * D, w, v, D);
+        }
       }
     }
   });
 
-  // Merge each (sequence, kv head)'s chunks: rescale to the common max.
+  // Merge each (sequence, kv head)'s chunks, query row by query row: rescale
+  // to the common max (every row sees at least its own key, so it is finite).
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> o(D);
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / KVH, kvh = bh % KVH;
-      const int64_t t0 = task_base[b] + kvh * chunks[b];
-      for (int64_t g = 0; g < G; ++g) {
-        float m = -INFINITY;
-        for (int64_t c = 0; c < chunks[b]; ++c) m = std::max(m, part_m[(t0 + c) * G + g]);
+      const int64_t b = bh / KVH, kvh = bh % KVH, QG = nqs[b] * G;
+      const int64_t p0 = part_base[b] + kvh * chunks[b] * QG;
+      for (int64_t qg = 0; qg < QG; ++qg) {
+        float m = kUnseen;
+        for (int64_t c = 0; c < chunks[b]; ++c) m = std::max(m, part_m[p0 + c * QG + qg]);
         float denom = 0.f;
         std::fill(o.begin(), o.end(), 0.f);
         for (int64_t c = 0; c < chunks[b]; ++c) {
-          const int64_t t = t0 + c;
-          const float w = std::exp(part_m[t * G + g] - m);
-          denom += w * part_l[t * G + g];
-          const float* a = part_acc.data() + (t * G + g) * D;
+          const int64_t pt = p0 + c * QG + qg;
+          if (!(part_m[pt] > kUnseen)) continue;
+          const float w = std::exp(part_m[pt] - m);
+          denom += w * part_l[pt];
+          const float* a = part_acc.data() + pt * D;
           for (int64_t i = 0; i < D; ++i) o[i] += w * a[i];
         }
-        TQ* dst = op + row[b] * o_row + (kvh * G + g) * o_head;
+        const int64_t r = qg / G, g = qg % G;
+        TQ* dst = op + (row[b] + r) * o_row + (kvh * G + g) * o_head;
         const float inv = 1.f / denom;
         for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<TQ>(o[i] * inv);
       }
@@ -171,23 +203,24 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
 
 template <typename TQ, typename TKV>
 void decode_dim(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t slot,
-                const at::Tensor& rows, const at::Tensor& tables, const at::Tensor& seq_lens,
+                const at::Tensor& rows, const at::Tensor& nq, const at::Tensor& tables, const at::Tensor& seq_lens,
                 const at::Tensor& first_pos, int64_t window, double scale) {
   switch (q.size(2)) {
-    case 64: decode<64, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-    case 128: decode<128, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-    default: decode<0, TQ, TKV>(out, q, kv, slot, rows, tables, seq_lens, first_pos, window, scale);
+    case 64: decode<64, TQ, TKV>(out, q, kv, slot, rows, nq, tables, seq_lens, first_pos, window, scale); break;
+    case 128: decode<128, TQ, TKV>(out, q, kv, slot, rows, nq, tables, seq_lens, first_pos, window, scale); break;
+    default: decode<0, TQ, TKV>(out, q, kv, slot, rows, nq, tables, seq_lens, first_pos, window, scale);
   }
 }
 
 }  // namespace
 
-// out, q: [T, H, D]; rows[b] is the row of q/out that sequence b decodes;
+// out, q: [T, H, D]; sequence b's query rows are rows[b] .. rows[b] +
+// num_queries[b] - 1 of q/out, the last at key position seq_lens[b] - 1;
 // tables[b] lists its blocks from the one holding key position first_pos[b];
-// it attends to keys first_pos[b] .. seq_lens[b] - 1 (the last `window` of them
-// when window > 0).
+// a row at position p attends to keys first_pos[b] .. p (the last `window` of
+// them when window > 0).
 void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, int64_t slot,
-                            at::Tensor rows, at::Tensor tables, at::Tensor seq_lens,
+                            at::Tensor rows, at::Tensor num_queries, at::Tensor tables, at::Tensor seq_lens,
                             at::Tensor first_pos, int64_t window, double scale) {
   TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "q/out head_dim must be contiguous");
@@ -201,18 +234,22 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
   TORCH_CHECK(q.size(1) % kv_cache.size(4) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(slot >= 0 && slot < kv_cache.size(1), "slot out of range");
   const int64_t B = tables.size(0);
-  TORCH_CHECK(rows.numel() == B && seq_lens.numel() == B && first_pos.numel() == B, "one row, length, start each");
-  for (const at::Tensor* t : {&rows, &tables, &seq_lens, &first_pos})
+  TORCH_CHECK(rows.numel() == B && num_queries.numel() == B && seq_lens.numel() == B && first_pos.numel() == B,
+              "one row, query count, length, start each");
+  for (const at::Tensor* t : {&rows, &num_queries, &tables, &seq_lens, &first_pos})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(), "index tensors must be contiguous int64");
   {  // every row attends to at least one key, from a position its table covers
     const int64_t* lens = seq_lens.data_ptr<int64_t>();
     const int64_t* firsts = first_pos.data_ptr<int64_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* nqs = num_queries.data_ptr<int64_t>();
     const int64_t BS = kv_cache.size(3), W = tables.size(1);
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(firsts[b] >= 0 && firsts[b] % BS == 0 && firsts[b] < lens[b], "bad key range for row ", b);
+      // The earliest query must see a key its table covers (its own, at least).
+      TORCH_CHECK(nqs[b] >= 1 && firsts[b] >= 0 && firsts[b] % BS == 0 && firsts[b] <= lens[b] - nqs[b],
+                  "bad key range for row ", b);
       TORCH_CHECK((lens[b] - firsts[b] + BS - 1) / BS <= W, "block table too short for row ", b);
-      TORCH_CHECK(row[b] >= 0 && row[b] < q.size(0), "row out of range");
+      TORCH_CHECK(row[b] >= 0 && row[b] + nqs[b] <= q.size(0), "row out of range");
       for (int64_t j = 0; j < (lens[b] - firsts[b] + BS - 1) / BS; ++j) {
         const int64_t block = tables.data_ptr<int64_t>()[b * W + j];
         TORCH_CHECK(block >= 0 && block < kv_cache.size(0), "block id out of range in row ", b);
@@ -222,9 +259,9 @@ void paged_decode_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     using TQ = scalar_t;
     switch (kv_cache.scalar_type()) {
-      case at::kHalf: decode_dim<TQ, c10::Half>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-      case at::kBFloat16: decode_dim<TQ, c10::BFloat16>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale); break;
-      default: decode_dim<TQ, TQ>(out, q, kv_cache, slot, rows, tables, seq_lens, first_pos, window, scale);
+      case at::kHalf: decode_dim<TQ, c10::Half>(out, q, kv_cache, slot, rows, num_queries, tables, seq_lens, first_pos, window, scale); break;
+      case at::kBFloat16: decode_dim<TQ, c10::BFloat16>(out, q, kv_cache, slot, rows, num_queries, tables, seq_lens, first_pos, window, scale); break;
+      default: decode_dim<TQ, TQ>(out, q, kv_cache, slot, rows, num_queries, tables, seq_lens, first_pos, window, scale);
     }
   });
 }
