@@ -318,11 +318,14 @@ def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
     users = [[random_prompt(args.user_tokens, rng) for _ in range(args.turns)] for _ in range(args.convs)]
     docs = [random_prompt(args.doc_tokens, rng) for _ in range(args.convs)]
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens, ignore_eos=True)
+    prefill_limits = {"long_prefill_token_threshold": args.long_prefill_token_threshold,
+                      "max_num_partial_prefills": args.max_num_partial_prefills,
+                      "max_long_partial_prefills": args.max_long_partial_prefills}
     runs: list[ChatRun] = []
     try:
         for name, ktc in configs.items():
-            runs.append(ChatRun(name, make_llm(loaded, ktc, num_gpu_blocks_override=pool_blocks, block_size=16),
-                                docs))
+            runs.append(ChatRun(name, make_llm(loaded, ktc, num_gpu_blocks_override=pool_blocks, block_size=16,
+                                               **prefill_limits), docs))
         if args.chat_clients > 1:
             for r in runs:  # one configuration at a time, each with the machine to itself
                 r.serve(users, params, args.chat_clients)
@@ -345,7 +348,7 @@ def bench_chat(loaded, fs_dir: str, args) -> tuple[dict, dict]:
             close_llm(r.llm)
         runs.clear()
         gc.collect()
-    setup = {"clients": args.chat_clients, "working_set_tokens": working_set, "offload_block": args.chat_offload_block, "pool_blocks": pool_blocks, "pool_tokens": pool_blocks * 16,
+    setup = {"clients": args.chat_clients, "working_set_tokens": working_set, "offload_block": args.chat_offload_block, "pool_blocks": pool_blocks, "pool_tokens": pool_blocks * 16, **prefill_limits,
              "cpu_tier_bytes": args.chat_cpu_bytes}
     return results, setup
 
@@ -374,6 +377,10 @@ def main() -> None:
     ap.add_argument("--chat-clients", type=int, default=1,
                     help="chat: users at once, each sending its next turn when its reply is complete "
                          "(1: one request at a time, the configurations taking turns)")
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=0,
+                    help="chat: the engine flag of that name, for every configuration (0: off)")
+    ap.add_argument("--max-num-partial-prefills", type=int, default=1, help="chat: the engine flag")
+    ap.add_argument("--max-long-partial-prefills", type=int, default=1, help="chat: the engine flag")
     ap.add_argument("--tiers", nargs="+", choices=TIERS, default=list(TIERS), help="TTFT: the tiers to measure")
     ap.add_argument("--skip-ttft", action="store_true")
     ap.add_argument("--skip-chat", action="store_true")
@@ -430,7 +437,10 @@ def main() -> None:
                     f"tokens a turn; offload block {args.chat_offload_block} tokens; device pool "
                     f"{chat_setup['pool_tokens']} tokens = 1/4 of the {chat_setup['working_set_tokens']}-token "
                     f"working set). total = the configuration's requests end to end + waits for its stores"
-                    + (" (wall time of the whole chat)" if args.chat_clients > 1 else ""),
+                    + (" (wall time of the whole chat)" if args.chat_clients > 1 else "")
+                    + (f"; long prefills: threshold {args.long_prefill_token_threshold}, "
+                       f"{args.max_long_partial_prefills} of {args.max_num_partial_prefills} partial a step"
+                       if args.long_prefill_token_threshold else ""),
                     ["config", "mean TTFT (s)", "p90 TTFT (s)", "total (s)", "of which store waits (s)",
                      "prompt tokens cached", "mean TTFT / no connector", "turns 2+: mean TTFT (s)",
                      "turns 2+: / no connector", "target (all turns)", "met"],
