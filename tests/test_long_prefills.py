@@ -7,7 +7,7 @@ import pytest
 
 from kvtier.engine.config import EngineConfig
 from kvtier.engine.core.kv_cache import KVCacheManager, build_kv_cache_groups
-from kvtier.engine.core.request import Request
+from kvtier.engine.core.request import Request, RequestStatus
 from kvtier.engine.core.sampling_params import SamplingParams
 from kvtier.engine.core.scheduler import PrefillLimits, Scheduler
 from kvtier.engine.entrypoints.cli import build_parser, engine_config_from_args
@@ -18,8 +18,8 @@ from hf_reference import hf_greedy
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
-def scheduler(limits: PrefillLimits, budget: int = 512, blocks: int = 400) -> Scheduler:
-    kv = KVCacheManager(build_kv_cache_groups(["full_attention"], None), blocks, 16)
+def scheduler(limits: PrefillLimits, budget: int = 512, blocks: int = 400, caching: bool = True) -> Scheduler:
+    kv = KVCacheManager(build_kv_cache_groups(["full_attention"], None), blocks, 16, enable_caching=caching)
     return Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=4096,
                      prefill_limits=limits)
 
@@ -75,6 +75,34 @@ def test_max_num_partial_prefills_counts_prefills_cut_by_the_budget():
     s.add(request("y", 50))
     assert step(s) == {"x": 64}
     assert step(s) == {"x": 26, "y": 50}
+
+
+def test_a_waiting_request_holding_blocks_cannot_starve_the_long_prefill_that_holds_it_back():
+    # Fuzz seed 13394: a tier load landed for "landed" (304 of 330 tokens, 19
+    # blocks), which then waits: its last 26 tokens are a long prefill and the
+    # one long slot is "a"'s. "a" needs 26 blocks, the pool has 39: it fell
+    # short, preempted itself, started again (its prefix no longer cached: a
+    # hybrid model's sliding group had dropped it; here no prefix caching at
+    # all) and fell short again, for ever.
+    s = scheduler(PrefillLimits(long_threshold=16, max_partial=2, max_long=1), budget=128, blocks=40, caching=False)
+    s.add(request("a", 400))
+    assert step(s) == {"a": 16}
+    landed = request("landed", 330)
+    s.add(landed)
+    s.waiting.remove(landed)
+    assert s.kv_cache.allocate_slots("landed", 0, 304)  # as Scheduler._land leaves it: blocks, computed, waiting
+    landed.num_computed_tokens = 304
+    s._enqueue(landed, front=True)
+    finished = set()
+    for _ in range(200):
+        step(s)
+        finished |= {r.request_id for r in s.running if len(r.output_token_ids) >= 4}
+        for r in [r for r in s.running if r.request_id in finished]:
+            s.finish(r, RequestStatus.FINISHED_LENGTH)
+        if finished == {"a", "landed"}:
+            break
+    assert finished == {"a", "landed"}, f"stuck: running {[r.request_id for r in s.running]}, " \
+        f"waiting {[(r.request_id, r.num_computed_tokens) for r in s.waiting]}"
 
 
 def test_bad_limits_stop_start_up_with_the_field_named():

@@ -217,6 +217,11 @@ class Scheduler:
             while not self.kv_cache.allocate_slots(req.request_id, req.num_computed_tokens, num_new):
                 # The lowest running request not scheduled yet this step (itself, at worst).
                 victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
+                # Before it gives itself up: blocks held by waiting requests (a landed
+                # load deferred by the long-prefill cap, say) would otherwise starve it
+                # for ever, preempted and readmitted each step while they wait on it.
+                if victim is req and self._reclaim_from_waiting(req):
+                    continue
                 self._preempt(victim, None if victim is req else self.kv_cache.last_shortfall)
                 out.num_preempted += 1
                 if victim is req:
@@ -356,22 +361,28 @@ class Scheduler:
         requests that hold blocks (a landed load, a victim's kept prefix) give
         them back first, from the back of the queue, until the head's shortfall
         is covered."""
-        if self.running or self.loading or self.held:
-            return False
-        holders = [r for r in self.waiting if r is not req and r.num_computed_tokens]
-        if holders:
-            wanted = self.kv_cache.pool.num_free_blocks + self.kv_cache.last_shortfall
-            for r in reversed(holders):  # full blocks stay in the prefix cache
-                self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
-                self._give_up_blocks(r, None)  # swapped out whole (joining a swapped tail), or given back
-                if self.kv_cache.pool.num_free_blocks >= wanted:
-                    break
+        if self.running or self.loading or self.held or self._reclaim_from_waiting(req):
             return False
         self.waiting.remove(req)
         req.stop_reason = (f"the request needs more KV cache blocks than the pool's {self.kv_cache.pool.num_blocks - 1}"
                            " even with nothing else running")
         self._end(req, RequestStatus.FINISHED_ERROR)
         out.failed.append(req)
+        return True
+
+    def _reclaim_from_waiting(self, req: Request) -> bool:
+        """Waiting requests other than `req` that hold blocks give them back,
+        from the back of the queue, until `req`'s last shortfall is covered.
+        False when none holds any."""
+        holders = [r for r in self.waiting if r is not req and r.num_computed_tokens]
+        if not holders:
+            return False
+        wanted = self.kv_cache.pool.num_free_blocks + self.kv_cache.last_shortfall
+        for r in reversed(holders):  # full blocks stay in the prefix cache
+            self.kv_cache.cache_blocks(r.request_id, r.block_hashes, r.num_computed_tokens, r.all_token_ids)
+            self._give_up_blocks(r, None)  # swapped out whole (joining a swapped tail), or given back
+            if self.kv_cache.pool.num_free_blocks >= wanted:
+                break
         return True
 
     @staticmethod
