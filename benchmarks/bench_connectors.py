@@ -19,6 +19,10 @@
    hit still recomputes 256 tokens; --offload-block 16 shows the tiers without
    that floor. A 4096-token cold run prefills in two 2048-token steps: the first
    step's blocks are written to the secondary tier while the second computes.
+   Each hit is also held to its floor: the tier's own transport moving the
+   bytes it served as one object (raw memcpy, file read, redis-py GET, boto3
+   get_object, pyzmq reply; benchmarks/raw_floors.py), plus a device prefix
+   hit of the same prompt, measured right after.
 2. A multi-turn chat over a document: 8 conversations x 9 turns (--convs,
    --turns). Each conversation opens with its own 1024-token document (a system
    prompt plus a retrieved document); a turn is 64 new user tokens (random ids)
@@ -79,6 +83,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/servers.py; tests/ is n
 
 import torch  # noqa: E402
 
+from benchmarks import raw_floors  # noqa: E402
 from benchmarks.common import emit_json, median, percentile, print_table, ttft_boxes  # noqa: E402
 from kvtier.engine.config import EngineConfig  # noqa: E402
 from kvtier.engine.core.sampling_params import SamplingParams  # noqa: E402
@@ -150,6 +155,9 @@ class TierCase:
         out = self.reader.generate([p], ONE, use_tqdm=False)[0]
         hit = time.perf_counter() - t
         after = self.reader.engine.stats().tiers
+        t = time.perf_counter()  # the same prompt again, its KV now in the device pool
+        self.reader.generate([p], ONE, use_tqdm=False)
+        device_hit = time.perf_counter() - t
         flush(self.reader)  # its own stores must not run into the next cold measurement
         cached = out.num_cached_tokens
         # Whole offload blocks only, and never the one holding the last prompt token
@@ -161,7 +169,8 @@ class TierCase:
         assert moved[self.tier] >= need, f"{self.tier} served {moved[self.tier]} bytes, expected >= {need}"
         if self.tier != "cpu":
             assert moved["cpu"] == 0, f"the CPU tier served {moved['cpu']} bytes of a {self.tier} hit"
-        return {"cold_s": cold, "hit_s": hit, "cached_tokens": cached, "tier_bytes_out": moved[self.tier]}
+        return {"cold_s": cold, "hit_s": hit, "device_hit_s": device_hit, "cached_tokens": cached,
+                "tier_bytes_out": moved[self.tier]}
 
     def close(self) -> None:
         close_llm(self.writer)
@@ -169,7 +178,10 @@ class TierCase:
             close_llm(self.reader)
 
 
-def bench_ttft(loaded, specs: dict, args, rng: random.Random) -> list[dict]:
+def bench_ttft(loaded, specs: dict, floors: dict, args, rng: random.Random) -> list[dict]:
+    """Per tier and length: cold, the hit, and the hit's floor: the tier's raw
+    transfer of the bytes it served (benchmarks/raw_floors.py) plus a device
+    prefix hit of the same prompt (the step that is left once the KV is in)."""
     # A pool for one 4096-token request and then some; the same for every engine.
     engine_kwargs = {"num_gpu_blocks_override": args.ttft_pool_blocks}
     rows = []
@@ -181,12 +193,17 @@ def bench_ttft(loaded, specs: dict, args, rng: random.Random) -> list[dict]:
                 reps = args.reps or (2 if n <= 2048 and not args.quick else 1)
                 runs = [case.measure(n, rng) for _ in range(reps)]
                 cold, hit = median([r["cold_s"] for r in runs]), median([r["hit_s"] for r in runs])
+                device_hit = median([r["device_hit_s"] for r in runs])
+                raw = floors[tier](runs[0]["tier_bytes_out"])
                 rows.append({"tier": tier, "prompt_tokens": n, "cold_s": cold, "hit_s": hit, "ratio": hit / cold,
+                             "device_hit_s": device_hit, "raw_transfer_s": raw, "floor_s": raw + device_hit,
+                             "vs_floor": hit / (raw + device_hit),
                              "target": TTFT_TARGETS[tier], "met": hit / cold <= TTFT_TARGETS[tier],
                              "cached_tokens": runs[0]["cached_tokens"], "reps": reps,
                              "tier_mb_out": runs[0]["tier_bytes_out"] / 1e6,
                              "runs": runs})
-                print(f"  ttft {tier} {n}: cold {cold:.3f}s hit {hit:.3f}s ratio {hit / cold:.4f}", flush=True)
+                print(f"  ttft {tier} {n}: cold {cold:.3f}s hit {hit:.3f}s ratio {hit / cold:.4f}; device hit "
+                      f"{device_hit:.3f}s raw transfer {raw:.3f}s: {hit / (raw + device_hit):.2f}x floor", flush=True)
         finally:
             case.close()
             del case
@@ -407,16 +424,23 @@ def main() -> None:
     try:
         with ExitStack() as stack:
             if not args.skip_ttft:
-                specs = {"fs": {"type": "fs", "path": os.path.join(scratch, "ttft-fs")}}
+                fs_path = os.path.join(scratch, "ttft-fs")
+                specs = {"fs": {"type": "fs", "path": fs_path}}
+                floors = {"cpu": raw_floors.memcpy_s, "fs": lambda n: raw_floors.file_read_s(fs_path, n),
+                          "store": raw_floors.zmq_reply_s}
                 if "redis" in args.tiers:
-                    specs["redis"] = {"type": "redis", "url": stack.enter_context(servers.redis_server()).url}
+                    url = stack.enter_context(servers.redis_server()).url
+                    specs["redis"] = {"type": "redis", "url": url}
+                    floors["redis"] = lambda n: raw_floors.redis_get_s(url, n)
                 if "obj" in args.tiers:
                     s3 = stack.enter_context(servers.s3_server())
-                    specs["obj"] = s3.tier_spec(s3.create_bucket("kvtier-bench"))
+                    bucket = s3.create_bucket("kvtier-bench")
+                    specs["obj"] = s3.tier_spec(bucket)
+                    floors["obj"] = lambda n: raw_floors.s3_get_s(s3.client(), bucket, n)
                 if "store" in args.tiers:  # the daemon as its own process: a fresh replica's hit
                     daemon = stack.enter_context(servers.store_daemon("--cpu-bytes", str(4 << 30)))
                     specs["store"] = daemon.tier_spec()
-                ttft = bench_ttft(loaded, specs, args, rng)
+                ttft = bench_ttft(loaded, specs, floors, args, rng)
         if not args.skip_chat:
             chat, chat_setup = bench_chat(loaded, os.path.join(scratch, "chat-fs"), args)
     finally:
@@ -426,9 +450,11 @@ def main() -> None:
         print_table(f"TTFT with the device prefix cache evicted, KV from a tier vs cold recompute "
                     f"(seconds; offload block {args.offload_block or 256} tokens; torch threads {torch.get_num_threads()})",
                     ["tier", "prompt tokens", "reps (median)", "cached tokens", "cold", "from tier", "tier/cold",
-                     "target", "met"],
+                     "target", "met", "MB served", "raw transfer", "device hit", "from tier / (raw + device hit)",
+                     "fs / cpu"],
                     [[r["tier"], r["prompt_tokens"], r["reps"], r["cached_tokens"], r["cold_s"], r["hit_s"], r["ratio"],
-                      f"<= 1/{round(1 / r['target'])}", "yes" if r["met"] else "NO"] for r in ttft])
+                      f"<= 1/{round(1 / r['target'])}", "yes" if r["met"] else "NO", r["tier_mb_out"],
+                      r["raw_transfer_s"], r["device_hit_s"], r["vs_floor"], fs_vs_cpu(ttft, r)] for r in ttft])
     if chat:
         base = chat["no connector"]["mean_ttft_s"]
         print_table(f"Multi-turn chat: {args.convs} conversations x {args.turns} turns, "
@@ -461,6 +487,12 @@ def main() -> None:
                          for name, r in chat.items() if name != "no connector"} if chat else {},
         "threads": torch.get_num_threads(), "loadavg_start": load_start[0], "loadavg_end": load_end[0],
         "wall_s": elapsed}, args.out, draw)
+
+
+def fs_vs_cpu(rows: list[dict], row: dict) -> float | str:
+    """An fs hit's TTFT over the CPU tier's at the same length (target: <= 1.3)."""
+    cpu = [r["hit_s"] for r in rows if r["tier"] == "cpu" and r["prompt_tokens"] == row["prompt_tokens"]]
+    return row["hit_s"] / cpu[0] if row["tier"] == "fs" and cpu else ""
 
 
 def draw(payload: dict, plt):
