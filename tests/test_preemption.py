@@ -156,10 +156,15 @@ def test_aborting_a_swapped_out_request_frees_its_pins(hybrid):
     assert swap.num_pins == 0 and cpu.usage()["pinned"] == 0
 
 
-def test_a_victim_that_must_give_up_its_kept_prefix_too_swaps_it_out_and_recomputes_nothing(hybrid):
+@pytest.mark.parametrize("tail_copied_first", [True, False], ids=["next-step", "same-step"])
+def test_a_victim_that_must_give_up_its_kept_prefix_too_swaps_it_out_and_recomputes_nothing(hybrid,
+                                                                                             tail_copied_first):
     """The victim kept its prefix on device and swapped its tail; then nothing
     runs and the head of the queue is short: the prefix joins the tail in one
-    record, and the whole request loads back (it used to recompute)."""
+    record, and the whole request loads back (it used to recompute). In the
+    same step as the tail (nothing copied yet), the prefix's and the tail's
+    pieces of one offload block were once kept under one key, and the victim
+    came back with the tail's pages as its prefix (fuzz seed 30313)."""
     from kvtier.connectors.base import StepPlan
     from kvtier.engine.core.scheduler import SchedulerOutput
     _, loaded = hybrid
@@ -174,7 +179,9 @@ def test_a_victim_that_must_give_up_its_kept_prefix_too_swaps_it_out_and_recompu
     victim = s.running[0]
     flush = lambda: e.connector.start_load_kv(e.connector.build_connector_meta(StepPlan([], set())))  # noqa: E731
     s._preempt(victim, 1)  # gives up its last block: the tail is swapped, the prefix stays
-    flush()
+    if tail_copied_first:
+        flush()
+        s._preempted_now.clear()  # as the next step starts
     kept, upto = victim.num_computed_tokens, victim.swapped_upto
     assert 0 < kept < upto and s.kv_cache.block_ids("victim")[0][0] != 0
     e.add_request("head", prompts[1], sp)

@@ -182,8 +182,11 @@ class SwapSpace:
                     p.key = p.content_key  # there already: pinned, nothing to copy
                     record.pinned.append(p.key)
                     continue
+                # The piece's first row too: a record joined in the step its tail was
+                # made holds two pieces of one (group, offload block), and the same key
+                # for both served the tail's page as the prefix's (fuzz seed 30313).
                 p.key = p.content_key if p.whole else self.blocks.private_key(
-                    p.group, f"{record.request_id}/{serial}/{p.group}/{p.j}")
+                    p.group, f"{record.request_id}/{serial}/{p.group}/{p.j}/{p.rows[0]}")
                 to_copy.append((record, p))
         if to_copy:
             n = len(to_copy)
