@@ -334,7 +334,9 @@ def test_a_hung_tier_lookup_never_holds_other_requests(default_model):
     import servers
     server = servers.RedisServer().start()
     try:
-        ktc = offloading(secondary=[{"type": "redis", "url": server.url, "timeout_s": 120}])
+        # The lookup deadline far past the busy request's 24 steps, even on a loaded machine
+        # (0.4-1 s a step beside two other busy processes): the lookup must still be pending.
+        ktc = offloading(secondary=[{"type": "redis", "url": server.url, "timeout_s": 120}], load_timeout_s=120)
         llm = make_llm(default_model, ktc)
         engine = llm.engine
         busy = " ".join(f"Note {i}." for i in range(30))
