@@ -12,7 +12,9 @@ from tiny_models import save_tiny
 
 # (seed, shape): seed s takes tier TIERS[(s // 2) % 6] below, so these cover
 # every tier on both tiny shapes, and three tiers on the default model.
-TINY_SEEDS = list(range(100, 120))
+# 30313 and 30586 returned wrong outputs (a swap record joined in the step its
+# tail was made kept two pieces under one key) until 637e0ad.
+TINY_SEEDS = list(range(100, 120)) + [30313, 30586]
 DEFAULT_SEEDS = [200, 205, 208]
 
 
