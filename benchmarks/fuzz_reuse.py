@@ -66,6 +66,8 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
     parser.add_argument("--tiers", nargs="+", default=list(fuzz_reuse.TIERS), choices=fuzz_reuse.TIERS)
     parser.add_argument("--hf-every", type=int, default=10, help="check the reference against HF every N seeds")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run each seed this many times (a seed whose failure depends on timing)")
     parser.add_argument("--report", default="fuzz_reuse_report.json")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch threads (1 leaves a core free for other work)")
@@ -85,7 +87,7 @@ def main() -> int:
                    "s3": stack.enter_context(servers.s3_server()),
                    "store": stack.enter_context(servers.store_daemon("--cpu-bytes", str(1 << 30)))}
         caches: dict[str, dict] = {name: {} for name in models}
-        for seed in range(args.start, args.start + args.seeds):
+        for seed in (s for s in range(args.start, args.start + args.seeds) for _ in range(args.repeat)):
             shape = args.shapes[seed % len(args.shapes)]
             tier = args.tiers[(seed // len(args.shapes)) % len(args.tiers)]
             model, hf, scale = models[shape]

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kv_invariants import PageWitness
+from kv_invariants import ContentTruth, ContentWitness, PageWitness
 
 TIERS = ("cpu", "fs", "redis", "obj", "store", "multi")
 FAULTS = ("corrupt", "truncate", "tier_down", "slow_reads", "failing_puts")
@@ -338,8 +338,9 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
         if faults is not None:
             stack.callback(faults.close)
         ktc = connector_config(wl, faults.spec() if faults else None)
+        truth: list[ContentTruth] = []  # what was computed, for every phase (made with the first engine)
         for phase in range(1 if faults is None else 2):
-            problems = _run_phase(wl, model, ktc, faults, rng, expected, summary)
+            problems = _run_phase(wl, model, ktc, faults, rng, expected, summary, truth)
             if problems:
                 raise FuzzFailure(f"seed {seed} ({tier}, offload {wl.offload_tokens}, {wl.num_blocks} blocks, "
                                   f"faults {wl.fault_kinds}, phase {phase + 1}):\n  " + "\n  ".join(problems[:10]))
@@ -355,7 +356,7 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
 
 
 def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: random.Random,
-               expected: dict, summary: dict) -> list[str]:
+               expected: dict, summary: dict, truth: list) -> list[str]:
     from kvtier.engine.config import EngineConfig
     from kvtier.engine.llm_engine import LLMEngine
     engine = LLMEngine(EngineConfig(kv_transfer_config=ktc, num_gpu_blocks_override=wl.num_blocks,
@@ -367,6 +368,9 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
                                     max_long_partial_prefills=wl.max_long_partial_prefills), loaded=model)
     try:
         witness = PageWitness(engine)
+        if not truth:
+            truth.append(ContentTruth(engine.runner.kv_cache.dtype))
+        content = ContentWitness(engine, truth[0])
         if faults is not None:
             faults.tiers = []
             faults.attach(engine)
@@ -401,7 +405,7 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
     for name, t in tiers.items():
         if t["hit_tokens"]:
             summary["tier_hit_tokens"][name] = summary["tier_hit_tokens"].get(name, 0) + int(t["hit_tokens"])
-    problems = list(witness.violations)
+    problems = list(witness.violations) + content.violations
     for a in wl.arrivals:
         out = got.get(a.request_id)
         if out is None:

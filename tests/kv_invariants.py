@@ -104,3 +104,121 @@ class PageWitness:
             return scatter(block_ids, pages, rows)
 
         copier.scatter = scatter_wrapped
+
+
+class ContentTruth:
+    """The KV of every (group, position) an engine computed, named by the
+    tokens up to it (a hash chain that starts at the cache salt), kept across
+    engines of one model and dtype (a restart, a replica)."""
+
+    def __init__(self, kv_dtype) -> None:
+        import torch
+        self.rows: dict[tuple[int, int], int] = {}
+        self.data: list = []
+        self.from_load: set[int] = set()  # rows first seen in a loaded page, not computed here
+        # A different chunking moves float32 KV by ulps; a 16-bit cache rounds that to one 16-bit ulp.
+        self.tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}[kv_dtype]
+
+
+class ContentWitness:
+    """Checks what a step reads against what was computed for the same tokens:
+    every slot a step attends to that the forward pass did not write into its
+    block since the block was handed out (a load, a swap-in) must hold the KV
+    the engine computed for that (group, tokens). A loaded page with no
+    computed counterpart yet becomes the truth, checked when it is computed.
+    Finds a wrong page even when the greedy output happens not to change."""
+
+    def __init__(self, engine, truth: ContentTruth) -> None:
+        self.engine = engine
+        self.truth = truth
+        self.violations: list[str] = []
+        self.block_size = engine.block_size
+        self.kv = engine.runner.kv_cache
+        self.num_layers = [len(g.layers) for g in engine.groups]
+        self.specs = [g.spec for g in engine.groups]
+        self._verified: dict[int, set[int]] = {}  # block -> slots computed or checked since handed out
+        self._chains: dict[str, list[int]] = {}
+        self._wrap(engine.kv_cache_manager.pool, engine.runner, engine.connector)
+
+    def _note(self, message: str) -> None:
+        if len(self.violations) < 50:
+            self.violations.append(message)
+
+    def _chain(self, r) -> list[int]:
+        chain = self._chains.setdefault(r.request_id, [])
+        tokens = r.all_token_ids
+        h = chain[-1] if chain else hash(("salt", r.cache_salt))
+        for t in tokens[len(chain):]:
+            h = hash((h, t))
+            chain.append(h)
+        return chain
+
+    def _wrap(self, pool, runner, connector) -> None:
+        allocate, execute = pool.allocate, runner.execute
+
+        def allocate_wrapped(n):
+            blocks = allocate(n)
+            for b in blocks:
+                self._verified[b.block_id] = set()
+            return blocks
+
+        def execute_wrapped(sched):
+            writes = []
+            for s in sched.scheduled:
+                r, c = s.request, s.request.num_computed_tokens
+                chain = self._chain(r)
+                for g, table in enumerate(self.engine.kv_cache_manager.block_ids(r.request_id)):
+                    self._check(r.request_id, g, table, range(self.specs[g].needed_from(c), c), chain, "reads")
+                    writes.append((r.request_id, g, table, range(c, c + s.num_new_tokens), chain))
+            result = execute(sched)
+            for rid, g, table, positions, chain in writes:
+                self._check(rid, g, table, positions, chain, "computes", computed=True)
+            return result
+
+        pool.allocate, runner.execute = allocate_wrapped, execute_wrapped
+        for c in getattr(connector, "connectors", [connector]):
+            copier = getattr(c, "_copier", None) if c is not None else None
+            if copier is None:
+                continue
+            scatter = copier.scatter
+
+            def scatter_wrapped(block_ids, pages, rows, scatter=scatter):
+                for b in block_ids:
+                    self._verified[b] = set()
+                return scatter(block_ids, pages, rows)
+
+            copier.scatter = scatter_wrapped
+
+    def _check(self, rid: str, g: int, table: list[int], positions: range, chain: list[int], what: str,
+               computed: bool = False) -> None:
+        import torch
+        bs, truth = self.block_size, self.truth
+        todo = [p for p in positions if p // bs < len(table) and table[p // bs] != 0
+                and (computed or p % bs not in self._verified.get(table[p // bs], ()))]
+        if not todo:
+            return
+        blocks = torch.tensor([table[p // bs] for p in todo])
+        slots = torch.tensor([p % bs for p in todo])
+        got = self.kv[blocks, :self.num_layers[g], :, slots].float()  # [n, layers, 2, heads, dim]
+        known = [(i, truth.rows[(g, chain[p])]) for i, p in enumerate(todo) if (g, chain[p]) in truth.rows]
+        if known:
+            idx = torch.tensor([i for i, _ in known])
+            want = torch.stack([truth.data[row] for _, row in known])
+            bad = ((got[idx] - want).abs().amax(dim=(1, 2, 3, 4)) > truth.tol * (1 + want.abs().amax(dim=(1, 2, 3, 4))))
+            if bad.any():
+                i, row = known[int(bad.nonzero()[0])]
+                p = todo[i]
+                origin = "a loaded page" if row in truth.from_load else "its computed KV"
+                self._note(f"{rid} {what} position {p} of group {g} in block {table[p // bs]}: differs from "
+                           f"{origin} for the same tokens by {float((got[i] - truth.data[row]).abs().max()):.3g} "
+                           f"({int(bad.sum())} of {len(known)} positions differ)")
+        for i, p in enumerate(todo):
+            key = (g, chain[p])
+            if key not in truth.rows:
+                truth.rows[key] = len(truth.data)
+                truth.data.append(got[i].clone())
+                if not computed:
+                    truth.from_load.add(truth.rows[key])
+            elif computed and truth.rows[key] in truth.from_load:
+                truth.from_load.discard(truth.rows[key])
+            self._verified.setdefault(table[p // bs], set()).add(p % bs)
