@@ -55,7 +55,8 @@
    carries another user's cold 1k-token prefill takes seconds, and a short
    follow-up scheduled in it waits that long: with 4 users, 8 x 3 turns and
    64-token offload blocks, offloading reached 0.62-0.68 of no connector's
-   mean TTFT.
+   mean TTFT; with 16-token blocks and the long-prefill limits, 0.55 (the
+   README has the table).
 
 The servers (redis-server, moto) come from tests/servers.py and are started
 and stopped here. Timings on a 2-core machine are sensitive to anything else
