@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from functools import partial
 
@@ -32,6 +32,8 @@ from .workers import LOAD, STORE, TierWorker
 logger = logging.getLogger(__name__)
 
 WRITE_MODES = ("write_through", "write_back")
+# place(cpu_pool, positions, slots) -> bool: see get_async.
+Place = Callable[[torch.Tensor, list[int], list[int]], bool]
 
 
 class _Countdown:
@@ -251,9 +253,15 @@ class TieredStore:
     # -- loads -------------------------------------------------------------
 
     def get_async(self, keys: Sequence[str], out: torch.Tensor, tiers: Iterable[str] | None = None,
-                  priority: int = 0) -> Future:
+                  priority: int = 0, place: Place | None = None) -> Future:
         """Fill out[i] for the leading keys found; the future's result is how many.
-        Secondary hits are promoted into the CPU tier (when it is allowed)."""
+        Secondary hits are promoted into the CPU tier (when it is allowed).
+
+        `place(pool, positions, slots)`, if given, is offered the leading run of
+        CPU-tier hits first, on a store thread while their slots are held:
+        pool[slots[j]] is the block for position positions[j]. It copies them
+        straight where they are going (one copy, not two through `out`) and
+        returns True; False sends them through `out` after all."""
         keys = list(keys)
         self._check(out, len(keys), "out", at_least=True)
         allowed = self._allowed(tiers)
@@ -269,7 +277,12 @@ class TieredStore:
 
         def copy_from_cpu() -> None:
             try:
-                self.cpu.read_acquired([keys[i] for i in held], out, held)
+                through_out = held
+                lead = next((j for j, i in enumerate(held) if i != j), len(held))  # held[:lead] == 0..lead-1
+                if place is not None and lead and place(self.cpu.pool, held[:lead],
+                                                        self.cpu.slots_of([keys[i] for i in held[:lead]])):
+                    through_out = held[lead:]
+                self.cpu.read_acquired([keys[i] for i in through_out], out, through_out)
                 for i in held:
                     load.filled[i] = True
             finally:

@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -35,6 +36,7 @@ class InFlight:
     deadline: float
     fence: WriteFence = field(default_factory=WriteFence)
     reported: bool = False
+    placed: int = 0  # leading offload blocks copied straight from the CPU tier into the pool
 
 
 class Loads:
@@ -55,13 +57,32 @@ class Loads:
             self._in_flight[plan.request_id] = load
         n = len(plan.keys)
         buffer = self.staging.acquire(n)
+        # On the CPU the pool is host memory like the CPU tier: copy its hits straight
+        # in (one copy of the KV, not two). On CUDA they go through pinned staging,
+        # one DMA per load.
+        place = None if self.copier.is_cuda else partial(self._place, load)
         try:
-            future = self.store.get_async(plan.keys, buffer[:n], tiers)
+            future = self.store.get_async(plan.keys, buffer[:n], tiers, place=place)
         except BaseException:
             self.staging.release(buffer)
             self._report(load, 0)
             raise
         future.add_done_callback(lambda f: self._land(load, buffer, f))
+
+    def _place(self, load: InFlight, pool: torch.Tensor, positions: list[int], slots: list[int]) -> bool:
+        """On a store thread: the CPU tier's blocks for positions 0..k-1 go straight
+        into their device blocks, inside the load's fence like every other write."""
+        with load.fence.writing() as allowed:
+            if not allowed:
+                return False
+            rows = self.staging.rows_per_block
+            dst, src = [], []
+            for i, slot in zip(positions, slots):
+                dst.extend(load.plan.dst_blocks[i])
+                src.extend(slot * rows + r for r in load.plan.src_rows[i])
+            self.copier.scatter(dst, pool.view(-1, *self.page_shape), src)
+            load.placed = len(positions)
+            return True
 
     def _land(self, load: InFlight, buffer: torch.Tensor, future: Future) -> None:
         """On a store thread, once the store has finished with `buffer`."""
@@ -76,7 +97,7 @@ class Loads:
                     return  # given up already: reported, and the blocks may be someone else's now
                 try:
                     dst, src = [], []
-                    for i in range(num_ok):
+                    for i in range(load.placed, num_ok):
                         dst.extend(load.plan.dst_blocks[i])
                         src.extend(i * self.staging.rows_per_block + r for r in load.plan.src_rows[i])
                     if dst:

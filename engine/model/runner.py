@@ -9,6 +9,7 @@ from kvtier.engine.core.kv_cache.spec import layers_per_page
 from kvtier.engine.core.scheduler import SchedulerOutput
 from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.sampler import sample
+from kvtier.kvstore.buffers import advise_huge_pages
 
 # Prefill chunks up to this many tokens go to the CPU kernel with the decodes;
 # longer ones are GEMM-shaped, and SDPA over a gathered context wins.
@@ -30,9 +31,15 @@ class ModelRunner:
         cfg = model.cfg
         self.device = model.device
         # Allocated and touched once: first-touch page faults cost 20-50x a warm copy.
-        self.kv_cache = torch.zeros(num_blocks, layers_per_page(self.groups), 2, block_size,
+        self.kv_cache = torch.empty(num_blocks, layers_per_page(self.groups), 2, block_size,
                                     cfg.num_kv_heads, cfg.head_dim, dtype=kv_cache_dtype or model.dtype,
                                     device=self.device)
+        if self.kv_cache.device.type == "cpu":
+            # On 4 KiB pages, copying loaded KV into pages that sat idle ran at a
+            # quarter of memcpy speed (the kernel re-arms access tracking on every
+            # page-table entry); huge pages have 512x fewer. Advised before the first touch.
+            advise_huge_pages(self.kv_cache)
+        self.kv_cache.zero_()
         self.fused_attention = False  # the engine switches this on with the Triton path
         self.decode_kernel = None     # ... and this one with the CPU decode kernel
         self.layer_slots: list[tuple[int, int]] = [None] * cfg.num_layers

@@ -151,11 +151,15 @@ class CpuTier(Tier):
                     heapq.heappush(self._free, self._doomed.pop(key))
                     self._index.capacity += 1
 
+    def slots_of(self, keys: Sequence[str]) -> list[int]:
+        """The slots (rows of `pool`) of acquired keys; valid until they are released."""
+        with self._lock:
+            return [self._slot_of.get(key, self._doomed.get(key)) for key in keys]
+
     def read_acquired(self, keys: Sequence[str], out, out_rows: Sequence[int]) -> None:
         """Copy acquired keys into out[out_rows[i]] in batched runs."""
-        with self._lock:
-            slots = [self._slot_of.get(key, self._doomed.get(key)) for key in keys]
-        copy_rows(rows_of(out), out_rows, self._rows, slots)
+        if keys:
+            copy_rows(rows_of(out), out_rows, self._rows, self.slots_of(keys))
 
     def _hand_down(self, victims: list[tuple[str, int]]) -> None:
         copies = torch.empty((len(victims), *self.block_shape), dtype=self.dtype)

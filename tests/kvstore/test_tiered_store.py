@@ -58,6 +58,38 @@ def test_a_lower_tier_hit_is_promoted_into_the_cpu_tier(make_store, spec_for):
     assert bit_equal(cpu_out, blocks)
 
 
+@pytest.mark.parametrize("accept", [True, False], ids=["placed", "declined"])
+def test_place_takes_the_leading_cpu_hits_and_out_gets_the_rest(make_store, spec_for, accept):
+    """The direct path the connector uses on the CPU: the leading run of CPU hits is
+    offered as slots of the tier's pool, while they are held; the rest (a CPU hit
+    after a gap, lower-tier hits) goes through `out`, as all of it does when declined."""
+    store = make_store([spec_for("fs")])
+    keys, blocks = block_keys(6), random_blocks(6)
+    store.put_async(keys[:2], blocks[:2], tiers={"cpu"}).result(timeout=30)
+    store.put_async(keys[2:3], blocks[2:3], tiers={"fs"}).result(timeout=30)
+    store.put_async(keys[3:], blocks[3:], tiers={"cpu"}).result(timeout=30)
+    placed = torch.zeros_like(blocks)
+    offered = []
+
+    def place(pool, positions, slots):
+        offered.append(list(positions))
+        assert store.stats()["cpu"]["pinned"] == 5  # held while being copied
+        if accept:
+            for i, slot in zip(positions, slots):
+                placed[i] = pool[slot]
+        return accept
+
+    out = torch.zeros_like(blocks)
+    assert store.get_async(keys, out, place=place).result(timeout=30) == 6
+    assert offered == [[0, 1]]
+    mine = torch.zeros_like(blocks)
+    mine[:2] = placed[:2] if accept else out[:2]
+    mine[2:] = out[2:]
+    assert bit_equal(mine, blocks)
+    assert accept == (not out[:2].any())  # placed blocks never touch `out`
+    assert store.stats()["cpu"]["pinned"] == 0
+
+
 def test_lookup_and_load_stop_at_the_first_gap(make_store, spec_for):
     store = make_store([spec_for("fs")])
     keys, blocks = block_keys(6), random_blocks(6)
