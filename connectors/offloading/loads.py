@@ -69,17 +69,23 @@ class Loads:
             raise
         future.add_done_callback(lambda f: self._land(load, buffer, f))
 
+    def _pages(self, load: InFlight, positions, blocks) -> tuple[list[int], list[int]]:
+        """(device blocks, source pages) for offload blocks `positions`, whose data sit
+        at offload-block rows `blocks` of the source."""
+        rows = self.staging.rows_per_block
+        dst, src = [], []
+        for i, block in zip(positions, blocks):
+            dst.extend(load.plan.dst_blocks[i])
+            src.extend(block * rows + r for r in load.plan.src_rows[i])
+        return dst, src
+
     def _place(self, load: InFlight, pool: torch.Tensor, positions: list[int], slots: list[int]) -> bool:
         """On a store thread: the CPU tier's blocks for positions 0..k-1 go straight
         into their device blocks, inside the load's fence like every other write."""
         with load.fence.writing() as allowed:
             if not allowed:
                 return False
-            rows = self.staging.rows_per_block
-            dst, src = [], []
-            for i, slot in zip(positions, slots):
-                dst.extend(load.plan.dst_blocks[i])
-                src.extend(slot * rows + r for r in load.plan.src_rows[i])
+            dst, src = self._pages(load, positions, slots)
             self.copier.scatter(dst, pool.view(-1, *self.page_shape), src)
             load.placed = len(positions)
             return True
@@ -96,11 +102,9 @@ class Loads:
                 if not allowed:
                     return  # given up already: reported, and the blocks may be someone else's now
                 try:
-                    dst, src = [], []
-                    for i in range(load.placed, num_ok):
-                        dst.extend(load.plan.dst_blocks[i])
-                        src.extend(i * self.staging.rows_per_block + r for r in load.plan.src_rows[i])
-                    if dst:
+                    positions = range(load.placed, num_ok)
+                    if positions:
+                        dst, src = self._pages(load, positions, positions)
                         self.copier.scatter(dst, buffer.view(-1, *self.page_shape), src)
                 except Exception:
                     logger.exception("copying loaded blocks into the device pool failed")
