@@ -62,6 +62,7 @@ class _Load:
         self.promote = promote
         self.priority = priority
         self.filled = [False] * len(keys)
+        self.placed = 0  # positions 0..placed-1 went to `place`, not into `out`
         self.future: Future = Future()
 
     def missing(self) -> list[int]:
@@ -255,13 +256,15 @@ class TieredStore:
     def get_async(self, keys: Sequence[str], out: torch.Tensor, tiers: Iterable[str] | None = None,
                   priority: int = 0, place: Place | None = None) -> Future:
         """Fill out[i] for the leading keys found; the future's result is how many.
-        Secondary hits are promoted into the CPU tier (when it is allowed).
+        Secondary hits are promoted into the CPU tier (when it is allowed): they
+        are read straight into its slots, and copied from there.
 
-        `place(pool, positions, slots)`, if given, is offered the leading run of
-        CPU-tier hits first, on a store thread while their slots are held:
-        pool[slots[j]] is the block for position positions[j]. It copies them
-        straight where they are going (one copy, not two through `out`) and
-        returns True; False sends them through `out` after all."""
+        `place(pool, positions, slots)`, if given, is offered every run of blocks
+        sitting in CPU-tier slots that continues the positions placed so far
+        (0..k-1 first, then the secondary hits after them), on a store thread
+        while the slots are held: pool[slots[j]] is the block for position
+        positions[j]. It copies them straight where they are going (one copy, not
+        two through `out`) and returns True; False sends them through `out`."""
         keys = list(keys)
         self._check(out, len(keys), "out", at_least=True)
         allowed = self._allowed(tiers)
@@ -272,29 +275,35 @@ class TieredStore:
         views = self.cpu.acquire(keys, lookup=True) if load.promote else [None] * len(keys)
         held = [i for i, view in enumerate(views) if view is not None]
         if not held:
-            self._next_stage(load, 0)
+            self._next_stage(load, 0, place)
             return load.future
 
         def copy_from_cpu() -> None:
-            try:
-                through_out = held
-                lead = next((j for j, i in enumerate(held) if i != j), len(held))  # held[:lead] == 0..lead-1
-                if place is not None and lead and place(self.cpu.pool, held[:lead],
-                                                        self.cpu.slots_of([keys[i] for i in held[:lead]])):
-                    through_out = held[lead:]
-                self.cpu.read_acquired([keys[i] for i in through_out], out, through_out)
-                for i in held:
-                    load.filled[i] = True
-            finally:
-                self.cpu.release([keys[i] for i in held])
-            self._next_stage(load, 0)
+            self._hand_over(load, held, place)
+            self._next_stage(load, 0, place)
 
         if not self._workers["cpu"].submit(partial(self._guarded_stage, load, copy_from_cpu), LOAD, priority):
             self.cpu.release([keys[i] for i in held])
             load.finish()
         return load.future
 
-    def _next_stage(self, load: _Load, level: int) -> None:
+    def _hand_over(self, load: _Load, held: list[int], place: Place | None) -> None:
+        """Positions `held` sit in acquired CPU-tier slots: the run continuing the
+        placed ones goes to `place`, the rest is copied into `out`; then released."""
+        held_keys = [load.keys[i] for i in held]
+        try:
+            through_out = held
+            lead = next((j for j, i in enumerate(held) if i != load.placed + j), len(held))
+            if place is not None and lead and place(self.cpu.pool, held[:lead], self.cpu.slots_of(held_keys[:lead])):
+                load.placed += lead
+                through_out = held[lead:]
+            self.cpu.read_acquired([load.keys[i] for i in through_out], load.out, through_out)
+            for i in held:
+                load.filled[i] = True
+        finally:
+            self.cpu.release(held_keys)
+
+    def _next_stage(self, load: _Load, level: int, place: Place | None = None) -> None:
         missing = load.missing()
         if not missing or level >= len(load.below):
             load.finish()
@@ -302,13 +311,22 @@ class TieredStore:
         tier = load.below[level]
 
         def stage() -> None:
-            got = tier.get([load.keys[i] for i in missing], [load.out[i] for i in missing])
-            new = [i for i, block in zip(missing, got) if block is not None]
-            for i in new:
-                load.filled[i] = True
-            if new and load.promote:
-                self.cpu.store([load.keys[i] for i in new], [load.out[i] for i in new])
-            self._next_stage(load, level + 1)
+            keys = [load.keys[i] for i in missing]
+            # Promotion without a copy of its own: a block with a fresh CPU slot is read into it.
+            slots = self.cpu.reserve(keys) if load.promote else [None] * len(keys)
+            try:
+                got = tier.get(keys, [load.out[i] if slot is None else self.cpu.pool[slot]
+                                      for i, slot in zip(missing, slots)])
+            except BaseException:
+                self.cpu.settle(keys, slots, [False] * len(keys))
+                raise
+            found = [block is not None for block in got]
+            self.cpu.settle(keys, slots, found)  # tier.get wrote its last byte before it returned
+            for i, slot, ok in zip(missing, slots, found):
+                if ok and slot is None:
+                    load.filled[i] = True
+            self._hand_over(load, [i for i, slot, ok in zip(missing, slots, found) if ok and slot is not None], place)
+            self._next_stage(load, level + 1, place)
 
         if not self._workers[tier.name].submit(partial(self._guarded_stage, load, stage), LOAD, load.priority):
             load.finish()

@@ -36,7 +36,7 @@ class InFlight:
     deadline: float
     fence: WriteFence = field(default_factory=WriteFence)
     reported: bool = False
-    placed: int = 0  # leading offload blocks copied straight from the CPU tier into the pool
+    placed: int = 0  # leading offload blocks copied straight from CPU-tier slots into the pool
 
 
 class Loads:
@@ -80,14 +80,17 @@ class Loads:
         return dst, src
 
     def _place(self, load: InFlight, pool: torch.Tensor, positions: list[int], slots: list[int]) -> bool:
-        """On a store thread: the CPU tier's blocks for positions 0..k-1 go straight
-        into their device blocks, inside the load's fence like every other write."""
+        """On a store thread: blocks in CPU-tier slots for the positions after the
+        ones placed so far go straight into their device blocks, inside the load's
+        fence like every other write. `_land` copies the rest from staging."""
+        if list(positions) != list(range(load.placed, load.placed + len(positions))):
+            return False
         with load.fence.writing() as allowed:
             if not allowed:
                 return False
             dst, src = self._pages(load, positions, slots)
             self.copier.scatter(dst, pool.view(-1, *self.page_shape), src)
-            load.placed = len(positions)
+            load.placed += len(positions)
             return True
 
     def _land(self, load: InFlight, buffer: torch.Tensor, future: Future) -> None:

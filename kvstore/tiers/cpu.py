@@ -42,46 +42,15 @@ class CpuTier(Tier):
     # -- the Tier interface ------------------------------------------------
 
     def _store(self, keys: list[str], blocks) -> list[bool]:
-        rows = rows_of(blocks)
-        fresh, slots, spare, victims, dropped = [], [], [], [], 0
-        with self._lock:
-            for i, key in enumerate(keys):
-                if self._index.known(key):  # held, being written, or twice in this batch
-                    self._index.touch(key)
-                    continue
-                reserved, evicted = self._index.reserve(key, 1)
-                for victim in evicted:
-                    slot = self._slot_of.pop(victim)
-                    victims.append((victim, slot))
-                    spare.append(slot)
-                if not reserved:
-                    dropped += 1
-                    continue
-                fresh.append(i)
-                slots.append(spare.pop() if spare else heapq.heappop(self._free))
+        slots = self.reserve(keys)
+        fresh = [i for i, slot in enumerate(slots) if slot is not None]
         try:
-            if victims and self.on_evict is not None:
-                # The victims' slots belong to this call now: copy them out before they are overwritten.
-                self._hand_down(victims)
-            copy_rows(self._rows, slots, rows, fresh)
+            copy_rows(self._rows, [slots[i] for i in fresh], rows_of(blocks), fresh)
         except BaseException:
-            with self._lock:
-                for i in fresh:
-                    self._index.release(keys[i])
-                for slot in slots + spare:
-                    heapq.heappush(self._free, slot)
+            self.settle(keys, slots, [False] * len(keys))
             raise
-        with self._lock:
-            for i, slot in zip(fresh, slots):
-                self._slot_of[keys[i]] = slot
-                self._index.commit(keys[i])
-            for slot in spare:
-                heapq.heappush(self._free, slot)
-        self.stats.add(evictions=len(victims), dropped=dropped)
-        self._changed("removed", [key for key, _ in victims])
-        self._changed("stored", [keys[i] for i in fresh])
-        done = set(fresh)
-        return [i in done for i in range(len(keys))]
+        self.settle(keys, slots, [True] * len(keys), keep_acquired=False)
+        return [slot is not None for slot in slots]
 
     def _exists(self, keys: list[str]) -> int:
         with self._lock:
@@ -125,6 +94,62 @@ class CpuTier(Tier):
             }
 
     # -- what the tiered store uses beside the Tier interface --------------
+
+    def reserve(self, keys: Sequence[str]) -> list[int | None]:
+        """A slot for each key not held yet (None: held, or twice in `keys`, or no
+        room), evicting for it. Until settle() the slot is the caller's to fill:
+        nobody reads it, nobody else is given it."""
+        slots: list[int | None] = [None] * len(keys)
+        spare, victims, dropped = [], [], 0
+        with self._lock:
+            for i, key in enumerate(keys):
+                if self._index.known(key):  # held, being written, or twice in this batch
+                    self._index.touch(key)
+                    continue
+                reserved, evicted = self._index.reserve(key, 1)
+                for victim in evicted:
+                    slot = self._slot_of.pop(victim)
+                    victims.append((victim, slot))
+                    spare.append(slot)
+                if not reserved:
+                    dropped += 1
+                    continue
+                slots[i] = spare.pop() if spare else heapq.heappop(self._free)
+        try:
+            if victims and self.on_evict is not None:
+                # The victims' slots belong to this call now: copy them out before they are reused.
+                self._hand_down(victims)
+        except BaseException:
+            self.settle(keys, slots, [False] * len(keys))
+            raise
+        finally:
+            with self._lock:
+                for slot in spare:
+                    heapq.heappush(self._free, slot)
+        self.stats.add(evictions=len(victims), dropped=dropped)
+        self._changed("removed", [key for key, _ in victims])
+        return slots
+
+    def settle(self, keys: Sequence[str], slots: Sequence[int | None], filled: Sequence[bool],
+               keep_acquired: bool = True) -> None:
+        """End a reserve(): a slot whose block was filled whole becomes the key's
+        (acquired, when `keep_acquired`: release() it after reading), the others
+        are given back."""
+        kept = []
+        with self._lock:
+            for key, slot, ok in zip(keys, slots, filled):
+                if slot is None:
+                    continue
+                if ok:
+                    self._slot_of[key] = slot
+                    self._index.commit(key)
+                    if keep_acquired:
+                        self._index.pin(key)
+                    kept.append(key)
+                else:
+                    self._index.release(key)
+                    heapq.heappush(self._free, slot)
+        self._changed("stored", kept)
 
     def acquire(self, keys: Sequence[str], lookup: bool = False) -> list[torch.Tensor | None]:
         """Pin each held key and return a view of its slot (None if not held).

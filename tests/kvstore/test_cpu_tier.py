@@ -90,3 +90,25 @@ def test_a_store_failing_half_way_gives_every_slot_back():
     tier.health.succeeded()  # skip the back-off the failure started
     assert tier.put(block_keys(3), random_blocks(3)) == 3
     assert tier.usage()["blocks"] == 3 and tier.usage()["free_slots"] == 0
+
+
+def test_a_reserved_slot_is_nobodys_until_settled_and_an_unfilled_one_goes_back():
+    """reserve/settle: how a lower-tier hit is read straight into the CPU tier."""
+    tier = _tier(4)
+    keys, blocks = block_keys(3), random_blocks(3)
+    tier.put(keys[:1], blocks[:1])
+    slots = tier.reserve(keys)
+    assert slots[0] is None and None not in slots[1:]  # held already: no slot
+    assert tier.contains(keys) == [True, False, False]  # being filled is not held
+    assert tier.reserve(keys[1:]) == [None, None]  # nobody else is given them
+    for slot, block in zip(slots[1:], blocks[1:]):
+        tier.pool[slot].copy_(block)
+
+    tier.settle(keys, slots, [True, True, False])  # key 2 arrived short: not kept
+
+    assert tier.contains(keys) == [True, True, False]
+    assert tier.usage()["pinned"] == 1 and tier.usage()["free_slots"] == 2
+    tier.release(keys[1:2])
+    out = torch.zeros_like(blocks)
+    assert tier.get(keys[:2], out[:2]) and bit_equal(out[:2], blocks[:2])
+    assert tier.usage()["pinned"] == 0

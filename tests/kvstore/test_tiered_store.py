@@ -59,21 +59,22 @@ def test_a_lower_tier_hit_is_promoted_into_the_cpu_tier(make_store, spec_for):
 
 
 @pytest.mark.parametrize("accept", [True, False], ids=["placed", "declined"])
-def test_place_takes_the_leading_cpu_hits_and_out_gets_the_rest(make_store, spec_for, accept):
+def test_place_takes_each_run_continuing_the_placed_prefix_and_out_gets_the_rest(make_store, spec_for, accept):
     """The direct path the connector uses on the CPU: the leading run of CPU hits is
-    offered as slots of the tier's pool, while they are held; the rest (a CPU hit
-    after a gap, lower-tier hits) goes through `out`, as all of it does when declined."""
+    offered as slots of the tier's pool while they are held, then the lower-tier hits
+    that continue it (read straight into fresh CPU slots: that is their promotion);
+    the rest (a CPU hit after a gap) goes through `out`, as all of it does when declined."""
     store = make_store([spec_for("fs")])
     keys, blocks = block_keys(6), random_blocks(6)
     store.put_async(keys[:2], blocks[:2], tiers={"cpu"}).result(timeout=30)
     store.put_async(keys[2:3], blocks[2:3], tiers={"fs"}).result(timeout=30)
     store.put_async(keys[3:], blocks[3:], tiers={"cpu"}).result(timeout=30)
     placed = torch.zeros_like(blocks)
-    offered = []
+    offered, pinned = [], []
 
     def place(pool, positions, slots):
         offered.append(list(positions))
-        assert store.stats()["cpu"]["pinned"] == 5  # held while being copied
+        pinned.append(store.stats()["cpu"]["pinned"])  # held while being copied
         if accept:
             for i, slot in zip(positions, slots):
                 placed[i] = pool[slot]
@@ -81,13 +82,16 @@ def test_place_takes_the_leading_cpu_hits_and_out_gets_the_rest(make_store, spec
 
     out = torch.zeros_like(blocks)
     assert store.get_async(keys, out, place=place).result(timeout=30) == 6
-    assert offered == [[0, 1]]
-    mine = torch.zeros_like(blocks)
-    mine[:2] = placed[:2] if accept else out[:2]
-    mine[2:] = out[2:]
+    assert offered == ([[0, 1], [2]] if accept else [[0, 1]])
+    assert pinned == ([5, 1] if accept else [5])
+    mine = out.clone()
+    if accept:
+        mine[:3] = placed[:3]
+        assert not out[:3].any()  # placed blocks never touch `out`
     assert bit_equal(mine, blocks)
-    assert accept == (not out[:2].any())  # placed blocks never touch `out`
-    assert store.stats()["cpu"]["pinned"] == 0
+    stats = store.stats()["cpu"]
+    assert stats["pinned"] == 0 and stats["blocks"] == 6  # the fs hit was promoted either way
+    assert store.lookup(keys, tiers={"cpu"}) == 6
 
 
 def test_lookup_and_load_stop_at_the_first_gap(make_store, spec_for):
@@ -210,6 +214,11 @@ def test_a_corrupt_lower_tier_object_is_a_miss_through_the_store(make_store, spe
     assert store.get_async(keys, out).result(timeout=30) == 1
     assert store.stats()["fs"]["corrupt"] == 1
     assert store.lookup(keys) == 1
+    # The damaged block was read into a fresh CPU slot: the slot went back unused.
+    cpu = store.stats()["cpu"]
+    assert cpu["blocks"] == 2 and cpu["pinned"] == 0 and cpu["free_slots"] == 16 - 2
+    assert not store.tiers["cpu"].contains(keys)[1]
+    assert bit_equal(out[0], blocks[0])
 
 
 def test_a_bad_spec_names_the_field_and_starts_nothing(spec_for):
