@@ -32,6 +32,8 @@ from .workers import LOAD, STORE, TierWorker
 logger = logging.getLogger(__name__)
 
 WRITE_MODES = ("write_through", "write_back")
+# A tier whose lookups read (Tier.lookup_reads) is read this many blocks at a time.
+LOOKUP_READ_WAVE = 32
 # place(cpu_pool, positions, slots) -> bool: see get_async.
 Place = Callable[[torch.Tensor, list[int], list[int]], bool]
 
@@ -154,15 +156,59 @@ class TieredStore:
 
     def contains(self, keys: Sequence[str], tiers: Iterable[str] | None = None) -> list[bool]:
         """Per key, whether some allowed tier holds it: one batched call per
-        tier, each asked only for what the tiers above it lack."""
+        tier, each asked only for what the tiers above it lack. A tier whose
+        lookups read (Tier.lookup_reads) is read into the CPU tier instead,
+        when that is allowed: keys are expected in prefix order."""
         keys = list(keys)
+        allowed = self._allowed(tiers)
         found = [False] * len(keys)
-        for name in self._allowed(tiers):
+        for name in allowed:
             missing = [i for i, hit in enumerate(found) if not hit]
             if not missing:
                 break
-            for i, hit in zip(missing, self.tiers[name].contains([keys[i] for i in missing])):
+            tier, asked = self.tiers[name], [keys[i] for i in missing]
+            reading = tier.lookup_reads and "cpu" in allowed
+            for i, hit in zip(missing, self._read_for_lookup(tier, asked) if reading else tier.contains(asked)):
                 found[i] = hit
+        return found
+
+    def _read_for_lookup(self, tier: Tier, keys: list[str]) -> list[bool]:
+        """Presence from reading the blocks into fresh CPU-tier slots (verified,
+        as every read is), a wave at a time. What follows a wave with a miss is
+        only asked about (past a gap in a prefix, at most one wave is read for
+        nothing), and so is what goes past half the CPU tier (reads that would
+        evict each other before the load help nobody)."""
+        found = [False] * len(keys)
+        readable, end = min(len(keys), self.cpu.num_slots // 2), 0
+        while end < readable:
+            wave = keys[end:min(end + LOOKUP_READ_WAVE, readable)]
+            slots = self.cpu.reserve(wave)
+            reading = [j for j, slot in enumerate(slots) if slot is not None]
+            try:
+                got = tier.get([wave[j] for j in reading], [self.cpu.pool[slots[j]] for j in reading]) if reading else []
+            except BaseException:
+                self.cpu.settle(wave, slots, [False] * len(wave))
+                raise
+            hits = [False] * len(wave)
+            for j, block in zip(reading, got):
+                hits[j] = block is not None
+            self.cpu.settle(wave, slots, hits, keep_acquired=False)
+            tier.stats.add(lookups=len(reading), lookup_hits=sum(hits))
+            # No slot: the CPU tier came to hold it meanwhile (or it was asked twice), or had no room.
+            unslotted = [j for j, slot in enumerate(slots) if slot is None]
+            if unslotted:
+                there = self.cpu.contains([wave[j] for j in unslotted])
+                ask = [j for j, hit in zip(unslotted, there) if not hit]
+                for j in unslotted:
+                    hits[j] = True
+                for j, hit in zip(ask, tier.contains([wave[j] for j in ask]) if ask else []):
+                    hits[j] = hit
+            found[end:end + len(wave)] = hits
+            end += len(wave)
+            if not all(hits[j] for j in reading):
+                break
+        if end < len(keys):
+            found[end:] = tier.contains(keys[end:])
         return found
 
     @property

@@ -96,6 +96,10 @@ class Tier(ABC):
 
     kind = "tier"
     bounded = False  # evicts when full (and so may hand blocks down in write-back)
+    # A membership test costs this tier about what reading the block does (an
+    # object store's HEAD is a request like its GET): the tiered store answers
+    # a lookup by reading the blocks into the CPU tier, where the load finds them.
+    lookup_reads = False
 
     def __init__(self, name: str, block_shape: Sequence[int], dtype: torch.dtype, health: Health | None = None) -> None:
         self.name = name

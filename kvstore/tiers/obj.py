@@ -49,6 +49,9 @@ class ObjSpec(TierSpec):
     # moto on 2 cores, 8 in flight read 11.8 MB blocks at 0.78-0.86 of one-by-one
     # boto3 and 2 in flight at 1.03-1.08.
     concurrency: PositiveInt | None = Field(None, validation_alias=AliasChoices("concurrency", "io_threads"))
+    # Answer a lookup with GETs into the CPU tier instead of a HEAD per block:
+    # the load that follows a hit then costs no request at all (Tier.lookup_reads).
+    lookup_reads: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -135,8 +138,10 @@ class ObjSpec(TierSpec):
     def build(self, ctx: TierContext) -> BlobTier:
         backend = self.make_backend()
         policy = ctx.policy_factory(self.eviction_policy) if self.max_bytes else None
-        return BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,
+        tier = BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,
                         policy=policy, health=self.health())
+        tier.lookup_reads = self.lookup_reads
+        return tier
 
 
 async def fetch_whole(fs, path: str) -> list[bytes]:

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from kvtier.kvstore import TieredStore
+from kvtier.kvstore import TieredStore, tiered_store
 from kvtier.kvstore.validation import ConfigError
 from kvtier.policies import RequestInfo, make_request_policy
 
@@ -219,6 +219,62 @@ def test_a_corrupt_lower_tier_object_is_a_miss_through_the_store(make_store, spe
     assert cpu["blocks"] == 2 and cpu["pinned"] == 0 and cpu["free_slots"] == 16 - 2
     assert not store.tiers["cpu"].contains(keys)[1]
     assert bit_equal(out[0], blocks[0])
+
+
+def test_an_object_store_lookup_reads_the_blocks_into_the_cpu_tier_and_stops_past_a_gap(
+        make_store, spec_for, monkeypatch):
+    """A HEAD costs an object store what a GET does: a lookup reads the blocks
+    (verified) into fresh CPU slots, a wave at a time, so the load after it sends
+    no request; after a wave with a miss the rest is only asked about."""
+    monkeypatch.setattr(tiered_store, "LOOKUP_READ_WAVE", 2)
+    store = make_store([spec_for("s3")])
+    keys, blocks = block_keys(7), random_blocks(7)
+    store.put_async(keys[:3], blocks[:3], tiers={"obj"}).result(timeout=30)
+    store.put_async(keys[4:], blocks[4:], tiers={"obj"}).result(timeout=30)
+
+    assert store.contains(keys) == [True, True, True, False, True, True, True]
+    obj = store.stats()["obj"]
+    assert (obj["reads"], obj["hits"], obj["lookups"]) == (4, 3, 7)  # waves [0, 1], [2, 3]; then HEADs
+    assert store.tiers["cpu"].contains(keys) == [True] * 3 + [False] * 4
+    cpu = store.stats()["cpu"]
+    assert cpu["blocks"] == 3 and cpu["pinned"] == 0
+    out = torch.zeros_like(blocks[:3])
+    assert store.get_async(keys[:3], out).result(timeout=30) == 3
+    assert bit_equal(out, blocks[:3])
+    assert store.stats()["obj"]["bytes_out"] == obj["bytes_out"]  # the load sent no request
+
+
+def test_an_object_store_lookup_reads_no_more_than_half_the_cpu_tier(make_store, spec_for):
+    store = make_store([spec_for("s3")], cpu_blocks=16)
+    keys, blocks = block_keys(12), random_blocks(12)
+    store.put_async(keys, blocks, tiers={"obj"}).result(timeout=30)
+    assert store.contains(keys) == [True] * 12
+    assert store.stats()["obj"]["reads"] == 8 and store.tiers["cpu"].contains(keys) == [True] * 8 + [False] * 4
+
+
+def test_a_corrupt_object_read_by_a_lookup_is_a_miss_and_its_slot_goes_back(make_store, spec_for):
+    store = make_store([spec_for("s3")])
+    keys, blocks = block_keys(3), random_blocks(3)
+    store.put_async(keys, blocks, tiers={"obj"}).result(timeout=30)
+    store.tiers["obj"].backend.write([keys[1]], [[b"KVTB not a block"]])
+
+    assert store.contains(keys) == [True, False, True]
+    assert store.stats()["obj"]["corrupt"] == 1
+    cpu = store.stats()["cpu"]
+    assert cpu["blocks"] == 2 and cpu["pinned"] == 0 and cpu["free_slots"] == 16 - 2
+    assert store.contains(keys) == [True, False, True]  # dropped from the bucket, not read again
+    out = torch.zeros_like(blocks)
+    assert store.get_async(keys, out).result(timeout=30) == 1
+    assert bit_equal(out[0], blocks[0])
+
+
+@pytest.mark.parametrize("how", ["lookup_reads off", "cpu tier not allowed"])
+def test_an_object_store_lookup_without_reads_only_asks(make_store, spec_for, how):
+    store = make_store([spec_for("s3", **({"lookup_reads": False} if how == "lookup_reads off" else {}))])
+    keys, blocks = block_keys(3), random_blocks(3)
+    store.put_async(keys, blocks, tiers={"obj"}).result(timeout=30)
+    assert store.contains(keys, tiers={"obj"} if how == "cpu tier not allowed" else None) == [True] * 3
+    assert store.stats()["obj"]["reads"] == 0 and store.stats()["cpu"]["blocks"] == 0
 
 
 def test_a_bad_spec_names_the_field_and_starts_nothing(spec_for):
