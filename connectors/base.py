@@ -8,6 +8,7 @@ KVConnectorBase_V1 so a connector written against it ports with little change.
 """
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -98,6 +99,17 @@ class KVConnectorBase(ABC):
         self.config = config
         self.layout = layout
         self.extra = dict(config.kv_connector_extra_config)
+        # Set by the connector's own threads when a lookup or a load finishes (and by
+        # the engine when a request arrives): what an idle engine waits on.
+        self.progress = threading.Event()
+
+    def wait_for_progress(self, timeout: float) -> None:
+        """Block until `progress` is set or `timeout` passes: an engine with only
+        lookups or loads in flight waits here rather than spinning steps that take
+        the GIL from the threads doing the transfers. A connector that never sets
+        `progress` is polled every `timeout`."""
+        self.progress.wait(timeout)
+        self.progress.clear()
 
     # -- scheduler side ----------------------------------------------------
     @abstractmethod

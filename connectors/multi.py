@@ -52,6 +52,8 @@ class MultiConnector(KVConnectorBase):
         super().__init__(config, layout)
         from kvtier.connectors.registry import create_connector
         self.connectors: list[KVConnectorBase] = [create_connector(sub, layout) for sub in self.sub_configs(config)]
+        for connector in self.connectors:  # one signal: any connector's progress wakes the engine
+            connector.progress = self.progress
         self._chosen: dict[str, int] = {}   # request -> the connector its hit loads from
         self._holding: dict[str, set[int]] = {}  # request -> connectors still reading its blocks
 

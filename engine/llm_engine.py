@@ -6,7 +6,6 @@ connectors/) and runs the step: schedule, forward, sample, output."""
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -29,6 +28,9 @@ from kvtier.engine.output_processor import OutputKind, RequestGroup
 from kvtier.engine.platform import kv_pool_blocks, pick_device, pick_dtype, pick_kv_cache_dtype
 
 logger = logging.getLogger("kvtier.engine")
+# The longest an idle step waits for a tier lookup or load it was not told of:
+# a connector that never signals progress is polled this often.
+IDLE_WAIT_S = 0.01
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
@@ -143,6 +145,11 @@ class LLMEngine:
             if not child.is_finished:
                 self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
 
+    def wake(self) -> None:
+        """From any thread: a step waiting on the tiers returns now (a request arrived)."""
+        if self.connector is not None:
+            self.connector.progress.set()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -161,7 +168,9 @@ class LLMEngine:
             self.model.connector_meta = meta
         if not sched.scheduled:
             if self.scheduler.waiting_on_tiers and not touched:
-                time.sleep(0.001)  # only tier lookups or loads in flight: wait without spinning
+                # Only tier lookups or loads in flight: wait for one to finish (or a
+                # request to arrive), not spin steps that take the GIL from the transfers.
+                self.connector.wait_for_progress(IDLE_WAIT_S)
             return self._finish_outputs(touched)
         tokens, logprobs = self.runner.execute(sched)
         if self.connector is not None:

@@ -130,6 +130,30 @@ def test_secondary_tier_serves_a_fresh_replica(default_model, cold, kind, tmp_pa
     assert tier(second, name)["bytes_out"] == out_before
 
 
+def test_an_idle_engine_is_woken_by_its_tiers_not_by_a_timer(default_model, cold, tmp_path, monkeypatch):
+    """With only a tier lookup or load in flight, a step waits on the connector's
+    progress event, which the lookup thread and the load each set when done (a
+    step loop spinning meanwhile takes the GIL from them). The poll is made an
+    hour long: a missing signal would leave a wait that times out."""
+    import kvtier.engine.llm_engine as llm_engine
+
+    tokens, n = cold
+    ktc = offloading([{"type": "fs", "path": str(tmp_path / "woken")}])
+    first = make_llm(default_model, ktc)
+    run(first)
+    settle(first)
+    monkeypatch.setattr(llm_engine, "IDLE_WAIT_S", 3600.0)
+    second = make_llm(default_model, ktc)
+    connector, woken = second.engine.connector, []
+    wait = connector.progress.wait
+    monkeypatch.setattr(connector.progress, "wait", lambda timeout=None: woken.append(wait(min(timeout, 60))) or True)
+    out = run(second)
+    assert out.outputs[0].token_ids == tokens and out.num_cached_tokens >= expected_hit(n)
+    assert woken and all(woken), f"{woken.count(False)} of {len(woken)} idle waits ran out"
+    second.engine.wake()  # a request arriving (the server's thread) ends a wait too
+    assert connector.progress.is_set()
+
+
 def test_multi_connector_loads_from_the_first_that_has_it(default_model, cold, tmp_path):
     tokens, n = cold
     fs = {"type": "fs", "path": str(tmp_path / "multi-fs")}
@@ -148,6 +172,7 @@ def test_multi_connector_loads_from_the_first_that_has_it(default_model, cold, t
     assert tier(first, "0.cpu")["bytes_out"] > 0 and tier(first, "1.fs")["bytes_out"] == 0
     # A fresh engine: only the second connector's fs tier has it.
     second = make_llm(default_model, ktc)
+    assert all(c.progress is second.engine.connector.progress for c in second.engine.connector.connectors)
     warm = run(second)
     assert warm.outputs[0].token_ids == tokens and warm.num_cached_tokens >= expected_hit(n)
     assert tier(second, "1.fs")["bytes_out"] > 0

@@ -87,7 +87,7 @@ class OffloadingConnector(KVConnectorBase):
                                                      layout.model_fingerprint, self.offload_tokens)
         self.request_policy = make_request_policy(self.cfg.request_policy, self.cfg.request_policy_module_path,
                                                   **self.cfg.request_policy_config)
-        self.lookups = Lookups(self.store, self.cfg.load_timeout_s)
+        self.lookups = Lookups(self.store, self.cfg.load_timeout_s, on_answer=self._signal_progress)
         self.swap = SwapSpace(self.store, self.blocks, int(self.store.cpu.num_slots * self.cfg.swap_space_fraction))
         self.seen = BoundedCounter(self.cfg.max_tracker_size)
         # Per request, dropped in request_finished however the request ends.
@@ -108,7 +108,8 @@ class OffloadingConnector(KVConnectorBase):
         super().register_kv_caches(kv_cache)
         self._copier = DeviceCopier(kv_cache)
         self._staging = StagingBuffers(self.block_shape, self.layout.dtype, pin=kv_cache.is_cuda)
-        self._loads = Loads(self.store, self._staging, self._copier, self.layout.page_shape, self.cfg.load_timeout_s)
+        self._loads = Loads(self.store, self._staging, self._copier, self.layout.page_shape, self.cfg.load_timeout_s,
+                            on_report=self._signal_progress)
         if kv_cache.is_cuda:  # hands saves to the store once their copy to the host is done
             self._saver = ThreadPoolExecutor(1, thread_name_prefix="kv-save")
 
@@ -197,6 +198,9 @@ class OffloadingConnector(KVConnectorBase):
 
     def request_priority(self, request: ConnectorRequest) -> int | None:
         return self._decision(request).priority
+
+    def _signal_progress(self) -> None:
+        self.progress.set()  # looked up at each call: a MultiConnector shares its own event
 
     # -- preemption by swapping ----------------------------------------------
     @property

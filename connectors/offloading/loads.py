@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,12 +42,13 @@ class InFlight:
 
 class Loads:
     def __init__(self, store: TieredStore, staging: StagingBuffers, copier: DeviceCopier,
-                 page_shape: tuple[int, ...], timeout_s: float) -> None:
+                 page_shape: tuple[int, ...], timeout_s: float, on_report: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.staging = staging
         self.copier = copier
         self.page_shape = page_shape
         self.timeout_s = timeout_s
+        self._on_report = on_report  # a load's result is in: the step loop may take it
         self._lock = threading.Lock()
         self._in_flight: dict[str, InFlight] = {}
         self._results: dict[str, set[int]] = {}  # request -> device blocks that did not land
@@ -124,6 +126,7 @@ class Loads:
             if self._in_flight.get(load.plan.request_id) is load:
                 del self._in_flight[load.plan.request_id]
             self._results[load.plan.request_id] = load.plan.failed_blocks(num_ok)
+        self._on_report()
 
     def give_up(self, request_id: str) -> None:
         """Stop the request's load from touching the device pool; it is reported

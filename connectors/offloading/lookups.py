@@ -30,9 +30,10 @@ class Lookup:
 
 
 class Lookups:
-    def __init__(self, store: TieredStore, timeout_s: float) -> None:
+    def __init__(self, store: TieredStore, timeout_s: float, on_answer: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.timeout_s = timeout_s
+        self._on_answer = on_answer  # after each wave: the scheduler has answers to pick up
         self._pending: dict[str, Lookup] = {}  # request -> its lookup, asked or answered
         self._queue: list[Lookup] = []
         self._wake = threading.Condition()
@@ -103,6 +104,7 @@ class Lookups:
             for lookup in lookups:
                 lookup.present = {key: present.get(key, False) for key in lookup.keys}
                 lookup.done.set()
+        self._on_answer()
 
     def close(self) -> None:
         with self._wake:

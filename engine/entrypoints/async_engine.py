@@ -112,7 +112,7 @@ class AsyncLLMEngine:
             if self._closed:
                 raise EngineDeadError("the engine has stopped")
             self._streams[request_id] = stream
-            self._commands.put(("add", (request_id, ids, sampling_params, cache_salt, "delta", text, priority), added, loop))
+            self._send(("add", (request_id, ids, sampling_params, cache_salt, "delta", text, priority), added, loop))
         try:
             await added  # raises the engine's RequestError before anything is yielded
             while True:
@@ -130,10 +130,14 @@ class AsyncLLMEngine:
             with self._lock:
                 live = self._streams.pop(request_id, None) is not None
             if live:  # the consumer left early (client went away): stop the work
-                self._commands.put(("abort", request_id, None, None))
+                self._send(("abort", request_id, None, None))
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self.engine.wake()  # a step waiting on the tiers takes it now, not at its next poll
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None, None))
+        self._send(("abort", request_id, None, None))
 
     def is_healthy(self) -> bool:
         return self._thread.is_alive() and not self._closed
@@ -143,7 +147,7 @@ class AsyncLLMEngine:
 
     def shutdown(self) -> None:
         self._stop.set()
-        self._commands.put(("wake", None, None, None))
+        self._send(("wake", None, None, None))
         self._thread.join(timeout=10)
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
