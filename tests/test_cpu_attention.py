@@ -54,6 +54,11 @@ CASES = {
     # one is a whole prompt from position 0.
     "short_chunks": ([40, 300, 1300, 20, 77], [0, 0, 0, 0, 0], 9, 3, 64, 0, [16, 5, 32, 20, 1]),
     "short_chunks_window": ([50, 200, 530], [16, 160, 0], 9, 3, 64, 20, [8, 16, 30]),
+    # Longer chunks (the GEMM form of a task): rows across a chunk edge, a window
+    # that cuts every row's keys at a different place, one head per kv head.
+    "wide_chunks": ([64, 600, 2100], [0, 0, 0], 9, 3, 64, 0, [64, 40, 64]),
+    "wide_chunks_window": ([700, 300], [0, 112], 9, 3, 64, 100, [64, 50]),
+    "mha_chunks": ([40, 530, 9], [0, 0, 0], 4, 4, 32, 0, [8, 12, 2]),
 }
 # (q and out, cache): the model's dtype, and a 16-bit cache under a float32 model.
 DTYPES = {"f32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),

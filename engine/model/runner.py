@@ -13,7 +13,7 @@ from kvtier.kvstore.buffers import advise_huge_pages
 
 # Prefill chunks up to this many tokens go to the CPU kernel with the decodes;
 # longer ones are GEMM-shaped, and SDPA over a gathered context wins.
-KERNEL_MAX_QUERIES = 32
+KERNEL_MAX_QUERIES = 64
 
 
 def kv_page_bytes(cfg, groups: list[KVCacheGroup], block_size: int, dtype: torch.dtype) -> int:
