@@ -19,6 +19,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def median_time(fn, reps: int) -> float:
+    """Seconds per call of fn: the median of `reps` after one untimed warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return median(times)
+
+
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
     cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

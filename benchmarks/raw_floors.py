@@ -16,28 +16,17 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 
 import torch
 
-from benchmarks.common import median
-
-
-def _timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return median(times)
+from benchmarks.common import median_time
 
 
 def memcpy_s(nbytes: int, reps: int = 3) -> float:
     src, dst = torch.empty(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
     src.fill_(1)
-    return _timed(lambda: dst.copy_(src), reps)
+    return median_time(lambda: dst.copy_(src), reps)
 
 
 def file_read_s(directory: str, nbytes: int, reps: int = 3) -> float:
@@ -54,7 +43,7 @@ def file_read_s(directory: str, nbytes: int, reps: int = 3) -> float:
                 got += f.readinto(view[got:])
 
     try:
-        return _timed(read, reps)
+        return median_time(read, reps)
     finally:
         os.unlink(path)
 
@@ -66,7 +55,7 @@ def redis_get_s(url: str, nbytes: int, reps: int = 3) -> float:
     key = f"raw-floor-{uuid.uuid4().hex}"
     client.set(key, os.urandom(nbytes))
     try:
-        return _timed(lambda: client.get(key), reps)
+        return median_time(lambda: client.get(key), reps)
     finally:
         client.delete(key)
         client.close()
@@ -76,7 +65,7 @@ def s3_get_s(client, bucket: str, nbytes: int, reps: int = 3) -> float:
     key = f"raw-floor-{uuid.uuid4().hex}"
     client.put_object(Bucket=bucket, Key=key, Body=os.urandom(nbytes))
     try:
-        return _timed(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), reps)
+        return median_time(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), reps)
     finally:
         client.delete_object(Bucket=bucket, Key=key)
 
@@ -105,7 +94,7 @@ def zmq_reply_s(nbytes: int, reps: int = 3) -> float:
         assert len(client.recv(copy=False)) == nbytes
 
     try:
-        return _timed(get, reps)
+        return median_time(get, reps)
     finally:
         client.send(b"stop")
         thread.join(5)

@@ -11,8 +11,9 @@ from kvtier.engine.model.causal_lm import CausalLM
 from kvtier.engine.model.sampler import sample
 from kvtier.kvstore.buffers import advise_huge_pages
 
-# Prefill chunks up to this many tokens go to the CPU kernel with the decodes;
-# longer ones are GEMM-shaped, and SDPA over a gathered context wins.
+# Prefill chunks up to this many tokens go to the CPU kernel with the decodes:
+# it reads the pages in place, where SDPA first gathers the whole context. Past
+# it SDPA's causal tiling wins (benchmarks/bench_prefill_tail.py).
 KERNEL_MAX_QUERIES = 64
 
 
