@@ -93,7 +93,7 @@ inline void softmax_row(float* __restrict s, int64_t n, float& m_out, float& l_o
 }
 
 // A task with this many query vectors (query rows x heads per kv head) runs as
-// two small GEMMs: the per-key dot products of the decode path reduce across
+// two small GEMMs (a decode too, when a kv head serves 8+ query heads): the per-key dot products of the decode path reduce across
 // lanes once per (query, key) and ran at a quarter of the GEMM rate for the
 // 20-40 row tail of a prefix hit.
 constexpr int64_t kGemmRows = 8;
@@ -125,6 +125,10 @@ void gemm_task(const float* qf, int64_t QG, int64_t G, const TKV* base, const in
                int64_t s_tok, int64_t D, std::vector<float>& kc, std::vector<float>& vc, float* scores,
                float* m_out, float* l_out, float* acc) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  if (kc.empty()) {  // first GEMM task of this thread's range: decode-only steps never pay for these
+    kc.resize(kChunk * D);
+    vc.resize(kChunk * D);
+  }
   gather_rows(kc.data(), base, table, first, lo, n, BS, s_blk, s_tok, D);
   gather_rows(vc.data(), base + s_v, table, first, lo, n, BS, s_blk, s_tok, D);
   at::Tensor S = at::from_blob(scores, {QG, n}, f32);
@@ -187,7 +191,7 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv, int64_t 
   std::vector<float> part_m(part_base[B]), part_l(part_base[B]), part_acc(part_base[B] * D);
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(max_nq * G * D), scores(max_nq * G * kChunk), kc(kChunk * D), vc(kChunk * D);
+    std::vector<float> qf(max_nq * G * D), scores(max_nq * G * kChunk), kc, vc;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = std::upper_bound(task_base.begin(), task_base.end(), t) - task_base.begin() - 1;
       const int64_t local = t - task_base[b];
