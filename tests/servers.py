@@ -16,8 +16,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -243,6 +245,11 @@ class FakeGcsServer:
 
         self._server = FakeGCSServer(host=HOST, port=free_port())
         self._server.start()
+        # The wrapper pipes the server's stderr, a log line per request, and never
+        # reads it: once the pipe's 64 KB fill, the server blocks mid-request.
+        stderr = self._server._process.stderr
+        threading.Thread(target=lambda: deque(iter(lambda: stderr.read(1 << 16), b""), maxlen=0),
+                         name="fake-gcs-stderr", daemon=True).start()
         # The wrapper points every GCS client of the process at it through
         # STORAGE_EMULATOR_HOST; tiers are told the endpoint explicitly instead.
         os.environ.pop("STORAGE_EMULATOR_HOST", None)

@@ -61,6 +61,10 @@ class BlobBackend(ABC):
     def delete(self, names: Sequence[str]) -> None:
         """Remove objects; missing ones are not an error."""
 
+    def siblings(self, names: Sequence[str]) -> list[str]:
+        """Every name that deleting `names` removes (those stored with them in one object)."""
+        return list(names)
+
     def scan(self) -> Iterable[tuple[str, int, float]]:
         """(name, size, mtime) of every stored object, to rebuild an index."""
         raise NotImplementedError
@@ -199,6 +203,7 @@ class BlobTier(Tier):
         return written
 
     def _delete(self, keys: list[str]) -> None:
+        keys = self.backend.siblings(keys)
         self.backend.delete(keys)
         if self._index is not None:
             with self._lock:
@@ -256,6 +261,12 @@ class BlobTier(Tier):
     def _evict(self, victims: list[str]) -> None:
         if not victims:
             return
+        gone = self.backend.siblings(victims)
+        if len(gone) > len(victims):  # stored with a victim, so deleted with it
+            with self._lock:
+                for key in gone[len(victims):]:
+                    self._index.remove(key)
+            victims = gone
         if self.on_evict is not None:
             # Write-back: hand victims down before they are gone (they are
             # no longer indexed, so read them straight from the backend).
@@ -312,6 +323,7 @@ class BlobTier(Tier):
         self._evict(victims)
 
     def _forget(self, keys: list[str]) -> None:
+        keys = self.backend.siblings(keys)
         try:
             self.backend.delete(keys)
         except Exception as error:  # the object stays, but it is no longer trusted

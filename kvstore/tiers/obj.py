@@ -22,9 +22,11 @@ from pydantic import AliasChoices, Field, PositiveInt, SecretStr, model_validato
 
 from ..buffers import ReadintoStream
 from .blob import BlobBackend, BlobTier, Sink, info_mtime
+from .packs import PackedBackend
 from .spec import TierContext, TierSpec
 
 SUFFIX = ".kvb"
+PACK_SUFFIX = ".kvpack"
 _PROVIDERS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -52,6 +54,11 @@ class ObjSpec(TierSpec):
     # Answer a lookup with GETs into the CPU tier instead of a HEAD per block:
     # the load that follows a hit then costs no request at all (Tier.lookup_reads).
     lookup_reads: bool = True
+    # Small blocks are stored packed, as many to an object as fit in pack_bytes
+    # (a power of two of them, at least two; tiers/packs.py): one request per
+    # pack, not per block. 0: one object per block. Packed and unpacked
+    # objects have different names, so changing this starts the tier empty.
+    pack_bytes: int = Field(16 << 20, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -130,13 +137,21 @@ class ObjSpec(TierSpec):
             skip_instance_cache=True, use_listings_cache=False,
         )
 
-    def make_backend(self) -> "ObjectStoreBackend":
+    def blocks_per_pack(self, block_bytes: int) -> int:
+        fit = self.pack_bytes // max(1, block_bytes)
+        return 1 << (fit.bit_length() - 1) if fit >= 2 else 1
+
+    def make_backend(self, block_bytes: int | None = None) -> BlobBackend:
+        """One object per block, or packs of them when `block_bytes` (a block's
+        encoded size) is small against pack_bytes."""
         fetch = fetch_s3_chunks if self.provider == "s3" else fetch_whole
-        return ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.in_flight(),
-                                  timeout_s=self.timeout_s)
+        per_pack = self.blocks_per_pack(block_bytes) if block_bytes else 1
+        backend = ObjectStoreBackend(self.filesystem(), self.root, fetch=fetch, concurrency=self.in_flight(),
+                                     timeout_s=self.timeout_s, suffix=PACK_SUFFIX if per_pack > 1 else SUFFIX)
+        return PackedBackend(backend, per_pack) if per_pack > 1 else backend
 
     def build(self, ctx: TierContext) -> BlobTier:
-        backend = self.make_backend()
+        backend = self.make_backend(ctx.codec.encoded_size(""))
         policy = ctx.policy_factory(self.eviction_policy) if self.max_bytes else None
         tier = BlobTier(self.name or self.type, "obj", backend, ctx.codec, capacity_bytes=self.max_bytes,
                         policy=policy, health=self.health())
@@ -184,16 +199,17 @@ class ObjectStoreBackend(BlobBackend):
     """Any fsspec async filesystem; every batch is one gather on its event loop."""
 
     def __init__(self, fs, root: str, *, fetch: Callable = fetch_whole, concurrency: int = 8,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, suffix: str = SUFFIX) -> None:
         self.fs = fs
         self.root = root
+        self.suffix = suffix
         self._fetch = fetch
         self._decoders = ThreadPoolExecutor(2, thread_name_prefix="kv-obj-decode")
         self.concurrency = concurrency
         self.timeout_s = timeout_s
 
     def _path(self, name: str) -> str:
-        return f"{self.root}/{name}{SUFFIX}"
+        return f"{self.root}/{name}{self.suffix}"
 
     def _gather(self, calls: list) -> list:
         """Run coroutine factories concurrently (at most `concurrency` at once); results or exceptions."""
@@ -229,6 +245,15 @@ class ObjectStoreBackend(BlobBackend):
             if isinstance(result, Exception):
                 raise result
 
+    def read_heads(self, names: Sequence[str], nbytes: int) -> list[bytes | None]:
+        """The first `nbytes` of each object (ranged GETs, all in flight); None where it is missing."""
+        results = self._gather([lambda p=self._path(name): self.fs._cat_file(p, start=0, end=nbytes)
+                                for name in names])
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, FileNotFoundError):
+                raise result
+        return [None if isinstance(result, Exception) else bytes(result) for result in results]
+
     def exists(self, names: Sequence[str]) -> int:
         # One wave at a time: a prefix usually ends early, no need to ask for all.
         found = 0
@@ -260,9 +285,17 @@ class ObjectStoreBackend(BlobBackend):
 
     def close(self) -> None:
         self._decoders.shutdown(wait=True)
+        # The client's connection pool: left open, every closed tier kept its
+        # sockets to the store (fake-gcs-server stalled after a few dozen).
+        client = getattr(self.fs, "_s3", None)
+        if client is not None:
+            type(self.fs).close_session(self.fs.loop, client)
+        session = getattr(self.fs, "_session", None)
+        if session is not None:
+            type(self.fs).close_session(self.fs.loop, session)
 
     def scan(self) -> Iterable[tuple[str, int, float]]:
         found = sync(self.fs.loop, self.fs._find, self.root, detail=True, timeout=self.timeout_s * 10)
         for path, info in found.items():
-            if path.endswith(SUFFIX):
-                yield path[len(self.root) + 1:-len(SUFFIX)], int(info["size"]), info_mtime(info)
+            if path.endswith(self.suffix):
+                yield path[len(self.root) + 1:-len(self.suffix)], int(info["size"]), info_mtime(info)

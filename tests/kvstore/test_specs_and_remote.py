@@ -34,6 +34,22 @@ def test_obj_requests_in_flight_follow_where_the_store_runs(fields, in_flight):
     assert spec.in_flight() == (min(8, max(2, os.cpu_count() or 2)) if in_flight == "cores" else in_flight)
 
 
+@pytest.mark.parametrize("block_bytes, pack_bytes, per_pack", [
+    (741_376, 16 << 20, 16),  # the default model's 16-token block, float32: 22 fit, a power of two kept
+    (11_800_000, 16 << 20, 1),  # its 256-token block: one object each, as large as a pack
+    (5_900_000, 16 << 20, 2),  # that block in float16
+    (741_376, 0, 1),  # packing off
+])
+def test_obj_packs_as_many_small_blocks_as_fit(block_bytes, pack_bytes, per_pack):
+    spec = parse_tier_spec({"type": "obj", "bucket": "b", "pack_bytes": pack_bytes})
+    assert spec.blocks_per_pack(block_bytes) == per_pack
+
+
+def test_obj_pack_bytes_cannot_be_negative():
+    with pytest.raises(ConfigError, match="pack_bytes"):
+        parse_tier_spec({"type": "obj", "bucket": "b", "pack_bytes": -1})
+
+
 @pytest.mark.parametrize("fields, provider, root", [
     ({"url": "gs://bucket/some/prefix/"}, "gcs", "bucket/some/prefix"),
     ({"bucket": "gs://bucket"}, "gcs", "bucket"),
@@ -93,14 +109,17 @@ def test_redis_tier_accepts_tls_urls():
     assert parse_tier_spec({"type": "redis", "url": "rediss://cache.example:6380/1"}).url.startswith("rediss://")
 
 
+@pytest.mark.parametrize("pack_bytes", [0, 1 << 20], ids=["one-per-block", "packed"])
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
-def test_obj_objects_live_under_the_bucket_prefix(make_tier, spec_for, kind):
-    tier = make_tier(spec_for(kind, prefix="kv/v1"))
+def test_obj_objects_live_under_the_bucket_prefix(make_tier, spec_for, kind, pack_bytes):
+    tier = make_tier(spec_for(kind, prefix="kv/v1", pack_bytes=pack_bytes))
     keys = block_keys(2)
     tier.put(keys, random_blocks(2))
     stored = sorted(name for name, _, _ in tier.backend.scan())
     assert stored == sorted(keys)
-    assert tier.backend.root.endswith("/kv/v1")
+    objects = getattr(tier.backend, "inner", tier.backend)
+    assert objects.root.endswith("/kv/v1")
+    assert len(list(objects.scan())) == (1 if pack_bytes else 2)
 
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])

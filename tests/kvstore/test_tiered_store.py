@@ -253,7 +253,7 @@ def test_an_object_store_lookup_reads_no_more_than_half_the_cpu_tier(make_store,
 
 
 def test_a_corrupt_object_read_by_a_lookup_is_a_miss_and_its_slot_goes_back(make_store, spec_for):
-    store = make_store([spec_for("s3")])
+    store = make_store([spec_for("s3", pack_bytes=0)])
     keys, blocks = block_keys(3), random_blocks(3)
     store.put_async(keys, blocks, tiers={"obj"}).result(timeout=30)
     store.tiers["obj"].backend.write([keys[1]], [[b"KVTB not a block"]])
