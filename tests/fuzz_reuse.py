@@ -333,7 +333,7 @@ def run_seed(seed: int, model, tier: str, servers: dict, scratch: Path, referenc
                "mode": f"{wl.preemption_mode}/{wl.scheduling_policy}/kv {wl.kv_cache_dtype}/long "
                        f"{wl.long_prefill_token_threshold or 'off'}",
                "preemptions": 0, "swapped_out_blocks": 0, "failed_loads": 0, "cached_tokens": 0, "tier_hit_tokens": {},
-               "near_ties": []}  # the step of each request's first near tie (16-bit only)
+               "near_ties": []}  # the step of each request's first near tie
     with ExitStack() as stack:
         if faults is not None:
             stack.callback(faults.close)
@@ -438,8 +438,12 @@ def _run_phase(wl: Workload, model, ktc: dict, faults: TierFaults | None, rng: r
 # by one 16-bit ulp, and logits by ~1e-3 (seen: seed 1791, -4.5606 vs -4.5615).
 # Past a greedy step whose top two are closer than this, two correct runs of
 # the same engine may part ways, so a 16-bit comparison stops there. float32
-# (HF's arithmetic) is compared in full.
-NEAR_TIE = {"auto": 0.0, "float32": 0.0, "float16": 0.005, "bfloat16": 0.03}  # bf16's ulp is 8x fp16's
+# (HF's arithmetic) is compared up to a tie within its own rounding: the
+# GEMMs of a prompt chunked otherwise (a hit, a preemption) round differently
+# by ulps, and seed 94035 met two tokens 2e-6 apart in logprob (283 and 744,
+# the default model, step 1): the run without a connector took one, a run
+# with a hit the other, every page read checked equal by the content witness.
+NEAR_TIE = {"auto": 1e-4, "float32": 1e-4, "float16": 0.005, "bfloat16": 0.03}  # bf16's ulp is 8x fp16's
 
 
 @dataclass
