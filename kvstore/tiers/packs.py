@@ -280,13 +280,13 @@ class PackedBackend(BlobBackend):
             batch = list(packs)
             asked.update(batch)
             for members in self._indexes(batch):
-                found.update(members or ())
+                found.update(name for name, _ in members or ())
         return [name in found for name in names]
 
-    def _indexes(self, packs: list[str]) -> list[list[str] | None]:
-        """Each pack's member names (None: not there, or not a readable pack)."""
+    def _indexes(self, packs: list[str]) -> list[list[tuple[str, int]] | None]:
+        """Each pack's members, (name, size), learned; None: not there, or not a readable pack."""
         heads = self.inner.read_heads(packs, 16 << 10)
-        out: list[list[str] | None] = []
+        out: list[list[tuple[str, int]] | None] = []
         for pack, head in zip(packs, heads):
             members = None
             if head is not None:
@@ -294,13 +294,13 @@ class PackedBackend(BlobBackend):
                     need = index_size(head)
                     if need > len(head):
                         head = self.inner.read_heads([pack], need)[0] or b""
-                    members = [name for name, _ in decode_index(head)]
+                    members = decode_index(head)
                 except BadPack:
                     members = None
             if members is None:
                 self._drop(pack)
             else:
-                self._learn(pack, members)
+                self._learn(pack, [name for name, _ in members])
             out.append(members)
         return out
 
@@ -318,17 +318,8 @@ class PackedBackend(BlobBackend):
         entries = list(self.inner.scan())
         for start in range(0, len(entries), 64):
             wave = entries[start:start + 64]
-            heads = self.inner.read_heads([name for name, _, _ in wave], 16 << 10)
-            for (pack, _, mtime), head in zip(wave, heads):
-                try:
-                    need = index_size(head or b"")
-                    if need > len(head):
-                        head = self.inner.read_heads([pack], need)[0] or b""
-                    members = decode_index(head)
-                except BadPack:
-                    continue
-                self._learn(pack, [name for name, _ in members])
-                for name, size in members:
+            for (_, _, mtime), members in zip(wave, self._indexes([name for name, _, _ in wave])):
+                for name, size in members or ():
                     yield name, size, mtime
 
     def close(self) -> None:
