@@ -285,8 +285,8 @@ class ObjectStoreBackend(BlobBackend):
 
     def close(self) -> None:
         self._decoders.shutdown(wait=True)
-        # The client's connection pool: left open, every closed tier kept its
-        # sockets to the store (fake-gcs-server stalled after a few dozen).
+        # The client's connection pool: left open, a closed tier kept its
+        # sockets to the store until the process exited.
         client = getattr(self.fs, "_s3", None)
         if client is not None:
             type(self.fs).close_session(self.fs.loop, client)
